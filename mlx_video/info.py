@@ -1,0 +1,67 @@
+"""``mlx-video info``: what a converted model folder holds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from converters.common import read_safetensors_header
+
+from .utils import read_config, resolve_model_path
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1,
+          "U8": 1, "BOOL": 1}
+
+
+def describe(folder) -> dict:
+    folder = Path(folder)
+    config = read_config(folder)
+    report = {"path": str(folder), "components": {}}
+    for name, section in config.items():
+        if not isinstance(section, dict):
+            continue
+        entry = {"config": section}
+        wfile = section.get("weights_file")
+        if wfile and (folder / wfile).exists():
+            header = read_safetensors_header(folder / wfile)
+            params, nbytes = Counter(), Counter()
+            for info in header.values():
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                params[info["dtype"]] += n
+                nbytes[info["dtype"]] += info["data_offsets"][1] - info["data_offsets"][0]
+            entry.update(tensors=len(header), elements_by_dtype=dict(params), bytes_by_dtype=dict(nbytes),
+                         file_bytes=(folder / wfile).stat().st_size)
+        report["components"][name] = entry
+    return report
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("info", help="describe a converted model folder",
+                              description="Print each component's config, tensor count and bytes per dtype.")
+    p.add_argument("model", help="model folder or Hugging Face repo id (from the local cache)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    report = describe(resolve_model_path(args.model))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(report["path"])
+    for name, entry in report["components"].items():
+        cfg = entry["config"]
+        print(f"\n[{name}]")
+        for k, v in cfg.items():
+            if isinstance(v, list) and len(v) > 8 and len(set(v)) == 1:
+                v = f"{v[0]} (x{len(v)})"
+            print(f"  {k}: {v}")
+        if "tensors" in entry:
+            print(f"  tensors: {entry['tensors']}")
+            for dt, n in entry["elements_by_dtype"].items():
+                print(f"  {dt}: {n:,} elements, {entry['bytes_by_dtype'][dt] / 1e6:,.1f} MB")
+            print(f"  file: {entry['file_bytes'] / 1e6:,.1f} MB")
+    return 0
