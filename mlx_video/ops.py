@@ -1,16 +1,22 @@
 """Numerical building blocks shared by the models: attention with bounded memory, fast fp32 GELU.
 
 CPU notes (MLX's CPU backend): ``mx.fast.scaled_dot_product_attention`` is not fused there and builds
-the whole score matrix, and transcendentals (exp/tanh) are slow. So attention is query-chunked on the
-CPU with a chunk size derived from a memory bound, and the tanh GELU uses a rational tanh built from
-mul/add/div only, fused by ``mx.compile``.
+the whole score matrix, and elementwise transcendentals run single-threaded and unvectorised (exp on
+17.5M floats: ~0.25 s vs ~0.025 s for NumPy). So on the CPU:
+- attention is query-chunked with a chunk size derived from a memory bound, and each chunk's softmax
+  runs in NumPy, in place on the evaluated MLX score buffer (zero-copy), split over the cores;
+- the FFN's tanh GELU runs the same way on the freshly computed hidden activations.
+Elsewhere (GPUs) everything stays in MLX: fused SDPA and a compiled GELU.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
+import numpy as np
 
 from .utils import gpu_available
 
@@ -54,11 +60,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     chunk = attention_chunk_size(b, h, k.shape[2], budget_bytes)
     kt = k.swapaxes(-1, -2)
     q = q * scale
+    attend = _attend_numpy_softmax if q.dtype == mx.float32 and mx.default_device() == mx.cpu else _attend
     if chunk >= lq:
-        return _attend(q, kt, v)
+        return attend(q, kt, v)
     outs = []
     for start in range(0, lq, chunk):
-        o = _attend(q[:, :, start:start + chunk], kt, v)
+        o = attend(q[:, :, start:start + chunk], kt, v)
         mx.eval(o)
         outs.append(o)
     return mx.concatenate(outs, axis=2)
@@ -68,6 +75,40 @@ def _attend(q, kt, v):
     scores = (q @ kt).astype(mx.float32)
     probs = mx.softmax(scores, axis=-1).astype(v.dtype)
     return probs @ v
+
+
+_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="mlx-video-cpu")
+
+
+def _rows_parallel(fn, rows: np.ndarray) -> list:
+    """Apply ``fn`` to contiguous row blocks of a 2D array on all cores (NumPy releases the GIL)."""
+    n = min(_POOL._max_workers, rows.shape[0])
+    bounds = np.linspace(0, rows.shape[0], n + 1).astype(int)
+    return list(_POOL.map(fn, [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+
+
+def _owned_numpy_view(a: mx.array) -> np.ndarray | None:
+    """Writable NumPy view of an evaluated, freshly computed MLX array (None if not contiguous)."""
+    mx.eval(a)
+    view = np.asarray(a)
+    return view if view.flags.c_contiguous and view.flags.writeable else None
+
+
+def _exp_shifted_rows(rows: np.ndarray) -> np.ndarray:
+    rows -= rows.max(axis=-1, keepdims=True)
+    np.exp(rows, out=rows)
+    return rows.sum(axis=-1, keepdims=True)
+
+
+def _attend_numpy_softmax(q, kt, v):
+    scores = q @ kt  # fresh fp32 buffer owned here: the softmax overwrites it in place
+    view = _owned_numpy_view(scores)
+    if view is None:
+        return _attend(q, kt, v)
+    rows = view.reshape(-1, view.shape[-1])
+    sums = np.concatenate(_rows_parallel(_exp_shifted_rows, rows)).reshape(*view.shape[:-1], 1)
+    # normalise after P@V: [rows, D] divides instead of [rows, Lk]
+    return (scores @ v) / mx.array(sums)
 
 
 # Rational approximation of tanh on [-7.9, 7.9] (Eigen's ``generic_fast_tanh_float``): max error ~1 ulp
@@ -106,6 +147,30 @@ def gelu_tanh(x: mx.array) -> mx.array:
     if x.dtype != mx.float32:
         return _gelu_tanh_compiled(x.astype(mx.float32)).astype(x.dtype)
     return _gelu_tanh_compiled(x)
+
+
+def _gelu_tanh_rows(a: np.ndarray) -> None:
+    t = a * a
+    t *= 0.044715
+    t += 1.0
+    t *= a
+    t *= _SQRT_2_OVER_PI
+    np.tanh(t, out=t)
+    t += 1.0
+    t *= 0.5
+    a *= t
+
+
+def gelu_tanh_fresh(x: mx.array) -> mx.array:
+    """``gelu_tanh`` for an array the caller has just computed and owns: on the CPU it is overwritten in
+    place by NumPy on all cores (~5x faster than MLX's single-threaded elementwise kernels)."""
+    if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        return gelu_tanh(x)
+    view = _owned_numpy_view(x)
+    if view is None:
+        return gelu_tanh(x)
+    _rows_parallel(_gelu_tanh_rows, view.reshape(-1, view.shape[-1]))
+    return x
 
 
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, layer_norm
+from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, gelu_tanh_fresh, layer_norm
 
 # Parameters that stay fp32 whatever the weight dtype (small, and precision-critical).
 FP32_PARAMETERS = ("time_embedding.", "modulation", "norm", "head.linear")
@@ -205,10 +205,10 @@ class FeedForward(nn.Module):
         hidden = self.fc1.weight.shape[0]
         chunk = max(1, budget // (hidden * 4 * 2))
         if x.shape[1] <= chunk:
-            return linear(self.fc2, gelu_tanh(linear(self.fc1, x)))
+            return linear(self.fc2, gelu_tanh_fresh(linear(self.fc1, x)))
         outs = []
         for s in range(0, x.shape[1], chunk):
-            o = linear(self.fc2, gelu_tanh(linear(self.fc1, x[:, s:s + chunk])))
+            o = linear(self.fc2, gelu_tanh_fresh(linear(self.fc1, x[:, s:s + chunk])))
             mx.eval(o)
             outs.append(o)
         return mx.concatenate(outs, axis=1)
