@@ -38,6 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--q-group-size", type=int, default=64, help="group size when quantizing")
     p.add_argument("--q-keep", default="", help="comma-separated name fragments of text-encoder Linear layers "
                    "to keep unquantized (e.g. 'attn.o,ffn.fc2')")
+    p.add_argument("--q-embedding", action="store_true", help="with -q, also quantize the text encoder's token "
+                   "embedding (by default it stays full precision; its rows are read from disk on demand)")
     p.add_argument("--head-dim", type=int, default=None,
                    help="DiT attention head width (default: from a config.json beside the checkpoint, else 128)")
     p.add_argument("--qk-norm", choices=["kept", "masked"], default="kept",
