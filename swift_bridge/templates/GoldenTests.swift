@@ -1,0 +1,128 @@
+// {{header}}
+
+import Foundation
+import MLX
+import MLXNN
+import XCTest
+
+@testable import LightningVideo
+
+/// Golden tests: a small model exported with the same code as the real one (same layer structure, tiny
+/// widths, random weights, fp32) and outputs the Python runtime computed from those exact weights and
+/// inputs (`Golden/fixtures/*.safetensors`). They need Metal: run them on a Mac (`xcodebuild test`, see
+/// README.md), not in the iOS simulator.
+final class GoldenTests: XCTestCase {
+    static let golden = Bundle.module.url(forResource: "Golden", withExtension: nil)!
+    static let modelURL = golden.appendingPathComponent("model")
+
+    func fixture(_ name: String) throws -> [String: MLXArray] {
+        try loadArrays(url: Self.golden.appendingPathComponent("fixtures/\(name).safetensors"))
+    }
+
+    func doubles(_ array: MLXArray) -> [Double] {
+        array.asType(.float32).asArray(Float.self).map { Double($0) }
+    }
+
+    /// max |actual - expected| <= tolerance * max |expected| (fp32 on the GPU against the CPU reference).
+    func assertClose(
+        _ actual: MLXArray, _ expected: MLXArray, tolerance: Float = 1e-3, _ what: String,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
+        XCTAssertEqual(actual.shape, expected.shape, "\(what): shape", file: file, line: line)
+        guard actual.shape == expected.shape else { return }
+        let error = abs(actual.asType(.float32) - expected.asType(.float32)).max().item(Float.self)
+        let scale = max(abs(expected.asType(.float32)).max().item(Float.self), 1e-6)
+        XCTAssertLessThanOrEqual(error / scale, tolerance, "\(what): relative error \(error / scale)", file: file, line: line)
+    }
+
+    func testFolderLoadsWithStrictVerification() throws {
+        let folder = try ModelFolder(url: Self.modelURL)
+        _ = try folder.loadDiT()
+        _ = try folder.loadTextEncoder()
+        _ = try folder.loadDecoder()
+    }
+
+    func testDiTVelocity() throws {
+        let f = try fixture("dit")
+        let model = try ModelFolder(url: Self.modelURL).loadDiT()
+        let velocity = model(f["latents"]!, timesteps: doubles(f["timesteps"]!), context: f["context"]!)
+        assertClose(velocity, f["velocity"]!, "DiT velocity")
+    }
+
+    func testTextEncoder() throws {
+        let f = try fixture("text_encoder")
+        let model = try ModelFolder(url: Self.modelURL).loadTextEncoder()
+        let ids = f["ids"]!.asArray(Int32.self).map { Int($0) }
+        let lengths = f["lengths"]!.asArray(Int32.self).map { Int($0) }
+        let width = f["ids"]!.dim(1)
+        let tokens = lengths.enumerated().map { row, length in
+            Array(ids[(row * width) ..< (row * width + length)])
+        }
+        assertClose(model.encode(tokens: tokens), f["embeddings"]!, "UMT5 embeddings")
+    }
+
+    func testDecoderStreamingMatchesPython() throws {
+        let f = try fixture("decoder")
+        let model = try ModelFolder(url: Self.modelURL).loadDecoder()
+        let stream = TAEHVDecoderStream(model)
+        let latents = f["latents"]!
+        var parts = [MLXArray]()
+        for t in 0 ..< latents.dim(1) {
+            parts.append(stream.push(latents[0..., t ..< (t + 1)]))
+        }
+        assertClose(concatenated(parts, axis: 1), f["frames"]!, "TAEHV streaming decode")
+        assertClose(model.decode(latents), f["frames"]!, "TAEHV parallel decode")
+    }
+
+    func testSamplerSchedules() throws {
+        let f = try fixture("sampler")
+        let folder = try ModelFolder(url: Self.modelURL)
+        let config = try XCTUnwrap(folder.configuration.sampler)
+        let fewStep = try Sampler.schedule(config)
+        XCTAssertEqual(fewStep.timesteps.map { Float($0) }, doubles(f["timesteps"]!).map { Float($0) })
+        XCTAssertEqual(fewStep.sigmas.map { Float($0) }, doubles(f["sigmas"]!).map { Float($0) })
+        let shift = Double(f["euler_shift"]!.item(Float.self))
+        let euler = Sampler.wanSchedule(steps: f["euler_timesteps"]!.dim(0), shift: shift)
+        XCTAssertEqual(euler.timesteps.map { Float($0) }, doubles(f["euler_timesteps"]!).map { Float($0) })
+        XCTAssertEqual(euler.sigmas.map { Float($0) }, doubles(f["euler_sigmas"]!).map { Float($0) })
+    }
+
+    func testOneDenoiseStep() throws {
+        let f = try fixture("denoise_step")
+        let folder = try ModelFolder(url: Self.modelURL)
+        let model = try folder.loadDiT()
+        let config = try XCTUnwrap(folder.configuration.sampler)
+        let schedule = try Sampler.schedule(config)
+        XCTAssertEqual(Float(schedule.timesteps[0]), f["timestep"]!.item(Float.self))
+        let x = f["noise"]!
+        let velocity = model(x, timesteps: [schedule.timesteps[0]], context: f["context"]!)
+        assertClose(velocity, f["velocity"]!, "velocity at step 0")
+        let (sigma, nextSigma) = (schedule.sigmas[0], schedule.sigmas[1])
+        let next: MLXArray
+        if f["sampler"]!.item(Int32.self) == 0 {
+            next = Sampler.fewStep(x, velocity: velocity, sigma: sigma, nextSigma: nextSigma, noise: f["renoise"]!)
+        } else {
+            next = Sampler.eulerStep(x, velocity: velocity, sigma: sigma, nextSigma: nextSigma)
+        }
+        assertClose(next, f["next_latents"]!, "latents after one denoise step")
+    }
+
+    func testTokenizerMatchesPython() throws {
+        // The tokenizer fixture uses the real spiece.model in the package's Model folder.
+        let testsFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        let packageRoot = testsFolder.deletingLastPathComponent().deletingLastPathComponent()
+        let model = packageRoot.appendingPathComponent("Model/spiece.model")
+        let fixtureURL = Self.golden.appendingPathComponent("fixtures/tokenizer.safetensors")
+        guard FileManager.default.fileExists(atPath: model.path), FileManager.default.fileExists(atPath: fixtureURL.path)
+        else {
+            throw XCTSkip("no spiece.model was exported")
+        }
+        let (arrays, metadata) = try loadArraysAndMetadata(url: fixtureURL)
+        let tokenizer = try UMT5Tokenizer(url: model)
+        for index in 0 ..< arrays.count {
+            let prompt = try XCTUnwrap(metadata["prompt_\(index)"])
+            let expected = try XCTUnwrap(arrays["ids_\(index)"]).asArray(Int32.self).map { Int($0) }
+            XCTAssertEqual(tokenizer.encode(prompt), expected, "prompt \(index): \(prompt)")
+        }
+    }
+}
