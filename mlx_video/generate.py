@@ -172,5 +172,9 @@ def run(args) -> int:
 def _summary(result, output: Path) -> None:
     print(f"wrote {output} ({metadata_path(output).name} has the settings; seed {result.seed})", file=sys.stderr)
     for name, s in result.stages.items():
-        pred = f", predicted {s.predicted_peak_bytes / 1e9:.2f} GB" if s.predicted_peak_bytes else ""
-        print(f"  {name:8s} {s.seconds:8.2f} s   peak {s.peak_memory_bytes / 1e9:6.2f} GB{pred}", file=sys.stderr)
+        pred = f" (predicted {_size(s.predicted_peak_bytes)})" if s.predicted_peak_bytes else ""
+        print(f"  {name:8s} {s.seconds:8.2f} s   peak memory {_size(s.peak_memory_bytes)}{pred}", file=sys.stderr)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -139,54 +139,57 @@ class MemoryPlan:
         return asdict(self)
 
 
-def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int, attention_budget: int,
-                   cfg_batch: int = 1) -> int:
+def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int, attention_budget: int) -> int:
     """Predicted DiT-stage peak: weights + per-prompt text K/V + the live activations of one block."""
+    from .ops import attention_peak_bytes
+
     b, f, h, w, _ = latent_shape
-    b *= cfg_batch
     pt, ph, pw = config.patch_size
     tokens = (f // pt) * (h // ph) * (w // pw)
-    inner = max(config.self_attn_heads) * config.head_dim
-    text_kv = sum(2 * b * config.text_len * heads * config.head_dim * 4 for heads in config.cross_attn_heads)
+    heads = max(config.self_attn_heads)
+    inner = heads * config.head_dim
+    text_kv = sum(2 * b * config.text_len * n * config.head_dim * 4 for n in config.cross_attn_heads)
     residual = b * tokens * config.dim * 4
     qkv = 3 * b * tokens * inner * 4
     ffn_chunk = min(tokens, max(1, attention_budget // (max(config.ffn_dim) * 8)))
     ffn = b * ffn_chunk * max(config.ffn_dim) * 4 * 2
-    block = 4 * residual + qkv + max(attention_budget, ffn)
+    scores = attention_peak_bytes(b, heads, tokens, max(tokens, config.text_len), attention_budget)
+    block = 4 * residual + qkv + max(scores, ffn)
     return int(weight_bytes + text_kv + block)
 
 
 def plan_memory(folder: Path, request: GenerationRequest, limit_bytes: int | None, low_memory: bool,
-                cfg_batch: int = 1) -> MemoryPlan:
+                text_tokens: int = 512, prompts: int = 1, keep_models: bool = False) -> MemoryPlan:
     """Choose attention chunking and decoder tiling for the budget, and predict each stage's peak."""
     limit = limit_bytes or default_memory_limit()
     attention_budget = max(16 * 1024**2, min(limit // (16 if low_memory else 8), 2 * GB))
     predicted: dict[str, int] = {}
     config = read_config(folder)
     shape = request.latent_shape()
+    if "text_encoder" in config and config["text_encoder"].get("weights_file"):
+        from .models import umt5
+
+        predicted["encode"] = umt5.text_encoder_peak_bytes(config["text_encoder"], tokens=text_tokens, batch=prompts,
+                                                           stream=not keep_models)
     if "dit" in config:
         dit_cfg = wan_dit.WanDiTConfig(**{k: v for k, v in config["dit"].items()
                                           if k in wan_dit.WanDiTConfig.__dataclass_fields__})
-        weight_bytes = _component_bytes(folder, config["dit"], default_bytes=4)
-        predicted["denoise"] = dit_peak_bytes(dit_cfg, shape, weight_bytes, attention_budget, cfg_batch)
+        weight_bytes = _component_bytes(folder, config["dit"])
+        predicted["denoise"] = dit_peak_bytes(dit_cfg, shape, weight_bytes, attention_budget)
     decoder_tile = None
     if "decoder" in config:
         from .models import taehv
+        from .utils import config_from_dict
 
-        dec_cfg = taehv.config_from_section(config["decoder"])
-        decoder_budget = max(64 * 1024**2, limit // (4 if low_memory else 2))
-        decoder_tile = taehv.choose_tile(dec_cfg, shape, decoder_budget)
-        predicted["decode"] = taehv.decoder_peak_bytes(dec_cfg, shape, tile=decoder_tile) + _component_bytes(
-            folder, config["decoder"], default_bytes=4)
-    if "text_encoder" in config:
-        from .models import umt5
-
-        predicted["encode"] = umt5.text_encoder_peak_bytes(folder, tokens=config["dit"].get("text_len", 512)
-                                                           if "dit" in config else 512)
+        dec_cfg = config_from_dict(taehv.TAEHVConfig, config["decoder"])
+        itemsize = 4 if mx.default_device() == mx.cpu else 2
+        decoder_budget = max(64 * 1024**2, limit // (8 if low_memory else 4))
+        decoder_tile = taehv.choose_tile(dec_cfg, shape, decoder_budget, itemsize=itemsize)
+        predicted["decode"] = taehv.decoder_peak_bytes(dec_cfg, shape, tile=decoder_tile, itemsize=itemsize)
     return MemoryPlan(limit, attention_budget, decoder_tile, predicted)
 
 
-def _component_bytes(folder: Path, section: dict, default_bytes: int) -> int:
+def _component_bytes(folder: Path, section: dict) -> int:
     """Resident bytes of a component's weights once loaded at the compute dtype (fp32 on the CPU)."""
     path = folder / section.get("weights_file", "")
     if not path.is_file():
@@ -200,7 +203,7 @@ def _component_bytes(folder: Path, section: dict, default_bytes: int) -> int:
             n *= d
         elements += n
     itemsize = 4 if mx.default_device() == mx.cpu else 2
-    return elements * (itemsize or default_bytes)
+    return elements * itemsize
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,18 +243,15 @@ class Models:
 
 
 def encode_text(models: Models, prompts: list[str], cache_dir: Path | None, keep: bool) -> mx.array:
-    """T5 embeddings ``[len(prompts), 512, 4096]`` (zeros after each prompt's length). Cached prompts skip
-    loading the encoder at all."""
-    from . import tokenizer as tok
+    """T5 embeddings ``[len(prompts), 512, dim]`` (zeros after each prompt's length).
+
+    Unless it is kept resident, the encoder is loaded in streaming mode: each block is read from disk when
+    it runs and freed after, so a cached prompt reads no weights at all and a new one peaks at one block.
+    """
     from .models import umt5
 
-    if models.tokenizer is None:
-        models.tokenizer = tok.load_tokenizer(models.folder)
-    cached = umt5.cached_embeddings(models.folder, models.tokenizer, prompts, cache_dir) if cache_dir else None
-    if cached is not None:
-        return cached
     if models.text_encoder is None:
-        models.text_encoder = umt5.load(models.folder, models.dtype)
+        models.text_encoder = umt5.load(models.folder, models.dtype, stream=not keep)
     context = umt5.encode_prompts(models.text_encoder, models.tokenizer, prompts, cache_dir=cache_dir)
     mx.eval(context)
     if not keep:
@@ -344,8 +344,14 @@ def generate(model: str | os.PathLike, request: GenerationRequest, output: str |
     limit = parse_memory(memory_limit) or default_memory_limit()
     mx.set_memory_limit(limit)
     mx.set_cache_limit(0 if low_memory else limit // 4)
-    plan = plan_memory(folder, request, limit, low_memory, cfg_batch=1)
     models = models or Models(folder, parse_dtype(dtype))
+    prompts = [request.prompt] + ([request.negative_prompt] if sampler_cfg.uses_cfg else [])
+    from .tokenizer import load_tokenizer
+
+    if models.tokenizer is None:
+        models.tokenizer = load_tokenizer(folder)
+    text_tokens = max(len(models.tokenizer.encode(p)) for p in prompts)
+    plan = plan_memory(folder, request, limit, low_memory, text_tokens, len(prompts), keep_models)
     stats: dict[str, StageStats] = {}
     metadata = {
         "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
@@ -359,7 +365,6 @@ def generate(model: str | os.PathLike, request: GenerationRequest, output: str |
     try:
         for name in ("dit",) + (("decoder",) if output is not None else ()):
             config_section(folder, name)
-        prompts = [request.prompt] + ([request.negative_prompt] if sampler_cfg.uses_cfg else [])
         with _stage("encode", stats, events, plan.predicted.get("encode")):
             context = encode_text(models, prompts, Path(prompt_cache) if prompt_cache else None, keep_models)
         steps = len(metadata["timesteps"])

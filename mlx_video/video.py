@@ -286,6 +286,9 @@ class VideoWriter:
             self._gif_frames = []
 
     def _commit(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, (0o777 if self._tmp.is_dir() else 0o666) & ~umask)  # mkstemp makes 0600 files
         if self.format != "png" or not self.path.exists():
             os.replace(self._tmp, self.path)
             return
