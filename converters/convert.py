@@ -45,13 +45,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--qk-norm", choices=["kept", "masked"], default="kept",
                    help="pruned q/k RMSNorm semantics: 'kept' normalises over the kept heads (trained pruned); "
                    "'masked' reproduces a wider model whose pruned heads were zeroed")
+    p.add_argument("--sampler", choices=["fewstep", "unipc", "euler"], default=None,
+                   help="record the model's default sampler in config.json (fewstep for distilled models, unipc for "
+                   "Wan's 50-step solver); `generate` flags still override it")
     p.add_argument("--select", default=None,
                    help="entry of a .pth dict to read (e.g. 'generator' instead of the default 'generator_ema')")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if not (args.dit or args.text_encoder or args.decoder or args.tokenizer):
+    if not (args.dit or args.text_encoder or args.decoder or args.tokenizer or args.sampler):
         raise ConversionError("nothing to convert: give --dit, --text-encoder/--tokenizer and/or --decoder")
     if args.text_encoder and not args.tokenizer:
         raise ConversionError("--text-encoder needs --tokenizer (the spiece.model the encoder was trained with)")
@@ -91,6 +94,11 @@ def run(args) -> int:
             update_config(tmp, config_dir, "decoder", section)
             config_dir = tmp
             _say(f"decoder: {section.get('summary', 'done')}")
+        if args.sampler:
+            from mlx_video.sampling import DEFAULTS
+
+            update_config(tmp, config_dir, "sampler", {"name": args.sampler, **DEFAULTS[args.sampler]})
+            config_dir = tmp
         if config_dir is previous:  # nothing written (cannot happen after the checks above)
             raise ConversionError("nothing converted")
     _say(f"wrote {out}")

@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("benchmarks.run", "benchmark latency and memory per stage"),
     "prune": ("mlx_video.prune", "Taylor-prune attention heads and FFN channels of a DiT"),
     "export-swift": ("swift_bridge.export", "export an mlx-swift package (code, weights, golden tests)"),
+    "demo": ("mlx_video.demo", "build a tiny random-weight model folder to try the pipeline"),
 }
 
 

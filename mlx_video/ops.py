@@ -22,7 +22,12 @@ from .utils import gpu_available
 
 # Default bound on the attention-score working set (scores + softmax temporaries) per call.
 DEFAULT_ATTENTION_BUDGET = 512 * 1024**2
-_SCORE_TEMPORARIES = 3  # scores, exp and probabilities alive at once in the chunked path
+
+
+def _score_temporaries() -> int:
+    """Score-sized buffers alive at once in the chunked path: the CPU softmax works in place on the scores;
+    MLX's softmax holds scores, exponentials and probabilities."""
+    return 1 if mx.default_device() == mx.cpu else 3
 
 
 def fused_attention_available() -> bool:
@@ -33,15 +38,17 @@ def fused_attention_available() -> bool:
 def attention_chunk_size(batch: int, heads: int, kv_len: int, budget_bytes: int = DEFAULT_ATTENTION_BUDGET,
                          itemsize: int = 4) -> int:
     """Query rows per chunk so that the score working set stays within ``budget_bytes``."""
-    per_row = batch * heads * kv_len * itemsize * _SCORE_TEMPORARIES
+    per_row = batch * heads * kv_len * itemsize * _score_temporaries()
     return max(1, int(budget_bytes // max(per_row, 1)))
 
 
 def attention_peak_bytes(batch: int, heads: int, q_len: int, kv_len: int,
                          budget_bytes: int = DEFAULT_ATTENTION_BUDGET, itemsize: int = 4) -> int:
-    """Predicted score working set of :func:`attention` (for memory planning)."""
+    """Predicted score working set of :func:`attention` (for memory planning); ~0 where SDPA is fused."""
+    if fused_attention_available():
+        return 0
     chunk = min(q_len, attention_chunk_size(batch, heads, kv_len, budget_bytes, itemsize))
-    return batch * heads * chunk * kv_len * itemsize * _SCORE_TEMPORARIES
+    return batch * heads * chunk * kv_len * itemsize * _score_temporaries()
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,

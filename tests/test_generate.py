@@ -255,3 +255,14 @@ def test_empty_prompt_missing_model_and_unwritable_output_exit_2(model, tmp_path
             main(["generate", *argv])
         assert exc.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_sampler_defaults_come_from_the_model_folder(model, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    assert main(["convert", "--mlx-path", str(folder), "--sampler", "euler"]) == 0
+    assert generate(folder, tmp_path / "a.mp4", "--steps", "2", "--negative-prompt", "blur") == 0
+    meta = json.loads((tmp_path / "a.mp4.json").read_text())["sampler"]
+    assert (meta["name"], meta["steps"], meta["guidance"], meta["shift"]) == ("euler", 2, 5.0, 5.0)
+    assert generate(folder, tmp_path / "b.mp4", "--sampler", "fewstep") == 0
+    assert json.loads((tmp_path / "b.mp4.json").read_text())["sampler"]["name"] == "fewstep"

@@ -216,7 +216,7 @@ def test_attention_chunking_is_exact():
 
     q, k, v = (mx.random.normal((1, 2, 300, 16), key=mx.random.key(i)) for i in range(3))
     full = attention(q, k, v, 0.25, budget_bytes=1 << 30, fused=False)
-    chunked = attention(q, k, v, 0.25, budget_bytes=2 * 300 * 4 * 3 * 7, fused=False)  # 7 query rows per chunk
+    chunked = attention(q, k, v, 0.25, budget_bytes=2 * 300 * 4 * 3 * 7, fused=False)  # several query chunks
     sdpa = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
     assert np.abs(np.array(full) - np.array(chunked)).max() < 1e-6
     assert np.abs(np.array(full) - np.array(sdpa)).max() < 1e-5
