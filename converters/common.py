@@ -315,19 +315,35 @@ def atomic_model_folder(mlx_path: str | os.PathLike, replace: tuple[str, ...] = 
             for item in target.iterdir():
                 if item.name in replace or item.name == CONFIG_NAME:
                     continue
-                _link_or_copy(item, tmp / item.name)
+                link_or_copy(item, tmp / item.name)
         yield tmp
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def replace_folder(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing an existing folder (renamed aside, then deleted)."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def side_config(source: Path) -> dict:
+    """The ``config.json`` beside a checkpoint file or inside a checkpoint folder ({} if none or unreadable)."""
+    folder = source if source.is_dir() else source.parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file (cheap, even for multi-GB weights) or copy it where links are not possible."""
     if src.is_dir():
         shutil.copytree(src, dst)
         return

@@ -35,7 +35,7 @@ from mlx_video.models.umt5 import (FP32_PARAMETERS, LINEAR_NAMES, TOKENIZER_NAME
 from mlx_video.utils import CONFIG_NAME, config_to_dict
 
 from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, open_checkpoint,
-                     parameter_shapes, strip_common_prefix)
+                     parameter_shapes, side_config, strip_common_prefix)
 
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
@@ -88,12 +88,8 @@ def detect_layout(ckpt: Checkpoint) -> tuple[str, Checkpoint]:
 
 def _side_config(source: Path) -> dict:
     """A Hugging Face T5/mT5/UMT5 config.json beside the checkpoint, if any (others are ignored)."""
-    folder = source if source.is_dir() else source.parent
-    try:
-        side = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return side if isinstance(side, dict) and side.get("model_type") in ("t5", "mt5", "umt5") else {}
+    side = side_config(source)
+    return side if side.get("model_type") in ("t5", "mt5", "umt5") else {}
 
 
 def map_keys(ckpt: Checkpoint, layout: str, side: dict) -> tuple[Checkpoint, dict, list[str], list[str]]:

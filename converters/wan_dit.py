@@ -9,7 +9,6 @@ The config (layers, heads and FFN width per layer, text_dim, channels, patch) is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,7 +17,7 @@ from mlx_video.models.wan_dit import FP32_PARAMETERS, WEIGHTS_NAME, WanDiT, WanD
 from mlx_video.utils import cast_floating, config_to_dict, parameter_count
 
 from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, open_checkpoint,
-                     parameter_shapes, save_safetensors, strip_common_prefix)
+                     parameter_shapes, save_safetensors, side_config, strip_common_prefix)
 
 
 def conv3d_to_patch_linear(w: mx.array) -> mx.array:
@@ -84,15 +83,6 @@ def detect_layout(ckpt: Checkpoint) -> tuple[str, Checkpoint]:
         f"('time_embedding.0.weight') nor diffusers keys ('condition_embedder.time_embedder.linear_1.weight'), "
         f"with or without the prefixes {PREFIXES}. First keys: {sample}"
     )
-
-
-def _side_config(source: Path) -> dict:
-    """config.json next to the checkpoint (Wan and diffusers both ship one), if any."""
-    folder = source if source.is_dir() else source.parent
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def infer_config(mapped_shapes: dict[str, tuple], patch_shape: tuple, head_dim: int | None, side: dict,
@@ -161,7 +151,7 @@ def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: i
     patch_src = mapped.get("patch_embedding.weight", (None,))[0]
     if patch_src is None:
         check_strict(mapped_shapes, {"patch_embedding.weight": ()}, unmatched, f"{source}")
-    config = infer_config(mapped_shapes, ckpt.shape(patch_src), head_dim, _side_config(source), qk_norm)
+    config = infer_config(mapped_shapes, ckpt.shape(patch_src), head_dim, side_config(source), qk_norm)
     model = WanDiT(config)
     check_strict(mapped_shapes, parameter_shapes(model), unmatched, f"{source} ({layout} layout)")
     weights = {}

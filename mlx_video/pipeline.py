@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ import mlx.core as mx
 
 from . import sampling
 from .models import wan_dit
-from .utils import config_section, free_memory, parse_dtype, read_config, resolve_model_path
+from .utils import config_section, free_memory, max_rss_bytes, parse_dtype, read_config, resolve_model_path
 from .video import GenerationFailed, VideoWriter, check_finite, write_failure_report
 
 VAE_STRIDE = (4, 8, 8)  # latent frames/rows/cols -> video (Wan latent space, TAEHV matches it)
@@ -211,11 +210,6 @@ def _component_bytes(folder: Path, section: dict) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _max_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
 @contextmanager
 def _stage(name: str, stats: dict[str, StageStats], events: Events, predicted: int | None = None):
     free_memory()
@@ -223,7 +217,7 @@ def _stage(name: str, stats: dict[str, StageStats], events: Events, predicted: i
     events({"event": "stage_start", "stage": name})
     start = time.perf_counter()
     yield
-    s = StageStats(time.perf_counter() - start, int(mx.get_peak_memory()), _max_rss_bytes(), predicted)
+    s = StageStats(time.perf_counter() - start, int(mx.get_peak_memory()), max_rss_bytes(), predicted)
     stats[name] = s
     events({"event": "stage_end", "stage": name, "seconds": round(s.seconds, 4),
             "peak_memory_bytes": s.peak_memory_bytes, "predicted_peak_bytes": predicted})
@@ -277,11 +271,10 @@ def denoise(models: Models, request: GenerationRequest, sampler_cfg: sampling.Sa
 
     noise = sampling.latent_noise(request.latent_shape(), request.seed)
     latents = sampling.sample(sampler_cfg, velocity, noise,
-                              uncond_velocity=(lambda x, t: velocity(x, t, uncond)) if uncond is not None else None,
+                              uncond_velocity=(lambda x, t, u=uncond: velocity(x, t, u)) if uncond is not None else None,
                               key=request.seed, progress=progress)
     mx.eval(latents)
     check_finite(latents, "denoise (final latents)")
-    del text, uncond
     if not keep:
         models.release("dit")
     return latents

@@ -45,8 +45,6 @@ import json
 import math
 import os
 import re
-import resource
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -60,7 +58,7 @@ from mlx.utils import tree_flatten
 from .models import wan_dit
 from .models.wan_dit import FP32_PARAMETERS, WEIGHTS_NAME, WanDiT, WanDiTConfig
 from .utils import (CONFIG_NAME, DTYPES, ModelFolderError, cast_floating, config_from_dict, config_section,
-                    config_to_dict, free_memory, read_config, resolve_model_path)
+                    config_to_dict, free_memory, max_rss_bytes, read_config, resolve_model_path)
 
 METHODS = ("taylor", "magnitude", "random")
 DEFAULT_TIMESTEPS = (1000.0, 937.5, 833.333, 625.0)  # Lightning / Self-Forcing 4-step schedule (models.md §5.3)
@@ -546,21 +544,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _round(values, digits: int = 6) -> list:
     return [float(f"{float(v):.{digits}g}") for v in np.asarray(values).reshape(-1)]
 
@@ -736,7 +719,7 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
                        pruned={"method": method, "report": REPORT_NAME, "source": str(folder),
                                "qk_norm": new_config.qk_norm})
 
-    from converters.common import atomic_model_folder, save_safetensors
+    from converters.common import atomic_model_folder, link_or_copy, save_safetensors
 
     t0 = time.perf_counter()
     with atomic_model_folder(out) as tmp:
@@ -744,7 +727,7 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
         skip = {CONFIG_NAME, REPORT_NAME, weights_path.name}
         for item in folder.iterdir():
             if item.name not in skip and not item.name.startswith("."):
-                _link_or_copy(item, tmp / item.name)
+                link_or_copy(item, tmp / item.name)
         save_safetensors(tmp / WEIGHTS_NAME, new, {"pruned_by": "mlx-video prune", "method": method,
                                                    "qk_norm": new_config.qk_norm})
         source_config["dit"] = dit_section
@@ -756,7 +739,7 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
         timing["write_s"] = time.perf_counter() - t0
         timing["total_s"] = time.perf_counter() - t_start
         report["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
-        report["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "mlx_peak_bytes": int(mx.get_peak_memory())}
+        report["memory"] = {"peak_rss_bytes": max_rss_bytes(), "mlx_peak_bytes": int(mx.get_peak_memory())}
         (tmp / REPORT_NAME).write_text(json.dumps(report) + "\n")
     if progress:
         _say(f"pruned {params_before / 1e9:.4f}B -> {params_after / 1e9:.4f}B parameters ({method}, qk_norm "

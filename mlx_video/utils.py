@@ -133,6 +133,15 @@ def parameter_count(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
 def free_memory() -> None:
     """Return cached buffers to the system after a stage's model is dropped."""
     import gc

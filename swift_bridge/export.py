@@ -25,7 +25,10 @@ import mlx.core as mx
 
 from . import codegen, components as C
 from .codegen import GenerationError
-from .weights import EXPORT_DTYPES, export_dtype, header_dtypes, header_shapes, write_safetensors
+from converters.common import replace_folder
+from mlx_video.utils import cast_floating
+
+from .weights import EXPORT_DTYPES, header_dtypes, header_shapes, write_safetensors
 
 LIBRARY = "LightningVideo"
 SOURCES = f"Sources/{LIBRARY}"
@@ -283,7 +286,7 @@ def _write_weights(component: C.Component, src: Path, dst: Path, dtype: mx.Dtype
     arrays = mx.load(str(src))
     if component is C.DECODER:
         arrays = {k: v for k, v in arrays.items() if not k.startswith("encoder.")}
-    tensors = export_dtype(arrays, dtype, component.keep_fp32)
+    tensors = cast_floating(arrays, dtype, component.keep_fp32)
     del arrays
     write_safetensors(dst, tensors, {"exported_by": GENERATOR_ID}, consume=True)
 
@@ -383,11 +386,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
                     "files": {rel: _sha256(tmp / rel) for rel in listing}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         report.files = listing + [MANIFEST]
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -67,17 +67,6 @@ def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[s
     os.replace(tmp, path)
 
 
-def export_dtype(weights: dict[str, mx.array], dtype: mx.Dtype, keep_fp32: tuple[str, ...]) -> dict[str, mx.array]:
-    """Cast floating tensors (lazily) to ``dtype``; names containing a ``keep_fp32`` fragment stay fp32.
-    Integer tensors (packed quantized weights) are untouched."""
-    out = {}
-    for key, a in weights.items():
-        if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(mx.float32 if any(s in key for s in keep_fp32) else dtype)
-        out[key] = a
-    return out
-
-
 def header_shapes(path: Path) -> dict[str, tuple]:
     """Key -> shape of a safetensors file, from its header (no tensor data read)."""
     from converters.common import read_safetensors_header
