@@ -226,8 +226,9 @@ def _stage(name: str, stats: dict[str, StageStats], events: Events, predicted: i
 class Models:
     """Loaded components, kept between generations when ``keep_models`` is set (Python API)."""
 
-    def __init__(self, folder: Path, dtype: mx.Dtype | None = None):
-        self.folder, self.dtype = folder, dtype
+    def __init__(self, folder: str | os.PathLike, dtype: mx.Dtype | str | None = None):
+        self.folder = resolve_model_path(folder)
+        self.dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         self.tokenizer = self.text_encoder = self.dit = self.decoder = None
 
     def release(self, *names: str) -> None:
