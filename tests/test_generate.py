@@ -266,3 +266,21 @@ def test_sampler_defaults_come_from_the_model_folder(model, tmp_path):
     assert (meta["name"], meta["steps"], meta["guidance"], meta["shift"]) == ("euler", 2, 5.0, 5.0)
     assert generate(folder, tmp_path / "b.mp4", "--sampler", "fewstep") == 0
     assert json.loads((tmp_path / "b.mp4.json").read_text())["sampler"]["name"] == "fewstep"
+
+
+def test_hub_repo_ids_resolve_from_the_local_cache_offline(model, tmp_path, monkeypatch, capsys):
+    """A repo id is read from the Hugging Face cache without network; a missing one says what to run."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-video" / "snapshots" / "0123abcd"
+    shutil.copytree(model, snapshot)
+    (cache / "models--someone--tiny-video" / "refs").mkdir(parents=True)
+    (cache / "models--someone--tiny-video" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert main(["generate", "--model", "someone/tiny-video", "--prompt", "fox", *SMALL, "--quiet",
+                 "--no-prompt-cache", "--output", str(tmp_path / "a.mp4")]) == 0
+    assert video_info(tmp_path / "a.mp4").frames == 9
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "someone/not-downloaded", "--prompt", "fox", "--output", str(tmp_path / "b.mp4")])
+    assert exc.value.code == 2
+    assert "huggingface-cli download someone/not-downloaded" in capsys.readouterr().err
