@@ -102,7 +102,7 @@ class TAEHVReference(nn.Module):
             return layer(x, past)
         return layer(x)
 
-    def _apply(self, seq: nn.Sequential, x: torch.Tensor, memory: dict | None = None) -> torch.Tensor:
+    def _run_sequence(self, seq: nn.Sequential, x: torch.Tensor, memory: dict | None = None) -> torch.Tensor:
         """Parallel over time: NTCHW in, NTCHW out. ``memory`` carries MemBlock inputs across calls."""
         n, t, c, h, w = x.shape
         memory = {} if memory is None else memory
@@ -126,7 +126,7 @@ class TAEHVReference(nn.Module):
         memory: dict = {}
         raw = 0
         for s in range(0, latents.shape[1], chunk):
-            x = self._apply(self.decoder, latents[:, s:s + chunk], memory)
+            x = self._run_sequence(self.decoder, latents[:, s:s + chunk], memory)
             if self.patch_size > 1:
                 n, t, c, h, w = x.shape
                 p = self.patch_size
@@ -145,7 +145,7 @@ class TAEHVReference(nn.Module):
         if frames.shape[1] % self.t_downscale:
             pad = self.t_downscale - frames.shape[1] % self.t_downscale
             frames = torch.cat([frames, frames[:, -1:].repeat_interleave(pad, 1)], 1)
-        return self._apply(self.encoder, frames)
+        return self._run_sequence(self.encoder, frames)
 
 
 @torch.no_grad()
