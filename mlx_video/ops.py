@@ -65,8 +65,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     b, h, lq, _ = q.shape
     chunk = attention_chunk_size(b, h, k.shape[2], budget_bytes)
-    kt = k.swapaxes(-1, -2)
-    q = q * scale
+    # Contiguous once, here: MLX would otherwise re-copy a transposed matmul operand for every chunk.
+    kt = mx.contiguous(k.swapaxes(-1, -2))
+    q, v = mx.contiguous(q * scale), mx.contiguous(v)
+    mx.eval(q, kt, v)
     attend = _attend_numpy_softmax if q.dtype == mx.float32 and mx.default_device() == mx.cpu else _attend
     if chunk >= lq:
         return attend(q, kt, v)
@@ -101,10 +103,17 @@ def _owned_numpy_view(a: mx.array) -> np.ndarray | None:
     return view if view.flags.c_contiguous and view.flags.writeable else None
 
 
+_CACHE_ROWS = 32  # rows per pass: max/subtract/exp/sum then run on a block that stays in cache
+
+
 def _exp_shifted_rows(rows: np.ndarray) -> np.ndarray:
-    rows -= rows.max(axis=-1, keepdims=True)
-    np.exp(rows, out=rows)
-    return rows.sum(axis=-1, keepdims=True)
+    sums = np.empty((rows.shape[0], 1), dtype=rows.dtype)
+    for a in range(0, rows.shape[0], _CACHE_ROWS):
+        block = rows[a:a + _CACHE_ROWS]
+        block -= block.max(axis=-1, keepdims=True)
+        np.exp(block, out=block)
+        block.sum(axis=-1, keepdims=True, out=sums[a:a + _CACHE_ROWS])
+    return sums
 
 
 def _attend_numpy_softmax(q, kt, v):

@@ -139,22 +139,25 @@ class MemoryPlan:
 
 
 def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int, attention_budget: int) -> int:
-    """Predicted DiT-stage peak: weights + per-prompt text K/V + the live activations of one block."""
+    """Predicted DiT-stage peak: weights + per-prompt text K/V + the largest phase of one block.
+
+    Phases (fp32 activations; ``r`` = residual-sized, ``i`` = q/k/v-sized buffers):
+    q/k/v + RoPE: 2r + 5i; attention: r + 5i + scores (chunked); FFN: 2r + 2 hidden chunks.
+    """
     from .ops import attention_peak_bytes
 
     b, f, h, w, _ = latent_shape
     pt, ph, pw = config.patch_size
     tokens = (f // pt) * (h // ph) * (w // pw)
     heads = max(config.self_attn_heads)
-    inner = heads * config.head_dim
+    r = b * tokens * config.dim * 4
+    i = b * tokens * heads * config.head_dim * 4
     text_kv = sum(2 * b * config.text_len * n * config.head_dim * 4 for n in config.cross_attn_heads)
-    residual = b * tokens * config.dim * 4
-    qkv = 3 * b * tokens * inner * 4
-    ffn_chunk = min(tokens, max(1, attention_budget // (max(config.ffn_dim) * 8)))
-    ffn = b * ffn_chunk * max(config.ffn_dim) * 4 * 2
-    scores = attention_peak_bytes(b, heads, tokens, max(tokens, config.text_len), attention_budget)
-    block = 4 * residual + qkv + max(scores, ffn)
-    return int(weight_bytes + text_kv + block)
+    hidden = max(config.ffn_dim)
+    ffn_chunk = min(tokens, max(1, attention_budget // (hidden * 8)))
+    scores = attention_peak_bytes(b, heads, tokens, tokens, attention_budget)
+    phases = (2 * r + 5 * i, r + 5 * i + scores, 2 * r + 2 * b * ffn_chunk * hidden * 4)
+    return int(weight_bytes + text_kv + max(phases))
 
 
 def plan_memory(folder: Path, request: GenerationRequest, limit_bytes: int | None, low_memory: bool,

@@ -186,6 +186,7 @@ class Attention(nn.Module):
             v = self._split(linear(self.v, x))
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             k, v = k.astype(dtype).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            mx.eval(q, k, v)  # materialise here so the projections' temporaries are gone before the scores
         else:
             k, v = kv
         q = q.astype(dtype).transpose(0, 2, 1, 3)
