@@ -392,7 +392,7 @@ def mlx_dit_from_reference(ref_model, config, work: Path, dtype):
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in ref_model.state_dict().items()},
               str(src / "diffusion_pytorch_model.safetensors"))
-    section = convert_dit(src, out, head_dim=config.head_dim, progress=False)
+    section = convert_dit(src, out, head_dim=config.head_dim)
     (out / "config.json").write_text(json.dumps({"format": MLX_VIDEO_FORMAT, "dit": section}))
     model = wan_dit.load(out, dtype)
     for f in src.iterdir():

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--qk-norm", choices=["kept", "masked"], default="kept",
                    help="pruned q/k RMSNorm semantics: 'kept' normalises over the kept heads (trained pruned); "
                    "'masked' reproduces a wider model whose pruned heads were zeroed")
+    p.add_argument("--qk-norm-width", type=int, default=None,
+                   help="with --qk-norm masked: the width of the unpruned q/k norm (default: the model width, right "
+                   "for Wan2.1 where heads*head_dim == dim; give it when re-pruning an already pruned model)")
     p.add_argument("--sampler", choices=["fewstep", "unipc", "euler"], default=None,
                    help="record the model's default sampler in config.json (fewstep for distilled models, unipc for "
                    "Wan's 50-step solver); `generate` flags still override it")
@@ -75,7 +78,7 @@ def run(args) -> int:
             from .wan_dit import convert_dit
 
             section = convert_dit(args.dit, tmp, parse_dtype(args.dtype or "float32"), args.head_dim,
-                                  args.qk_norm, args.select)
+                                  args.qk_norm, args.select, args.qk_norm_width)
             update_config(tmp, config_dir, "dit", section)
             config_dir = tmp
             _say(f"DiT: {section['num_layers']} layers, {section['parameters'] / 1e9:.3f}B parameters "

@@ -86,7 +86,7 @@ def detect_layout(ckpt: Checkpoint) -> tuple[str, Checkpoint]:
 
 
 def infer_config(mapped_shapes: dict[str, tuple], patch_shape: tuple, head_dim: int | None, side: dict,
-                 qk_norm: str) -> WanDiTConfig:
+                 qk_norm: str, qk_norm_width: int | None = None) -> WanDiTConfig:
     """Config from tensor shapes; head_dim from the argument, the side config.json, or Wan's 128."""
     if len(patch_shape) != 5:
         raise ConversionError(f"patch_embedding.weight has shape {patch_shape}; expected a Conv3d weight [O, C, kt, kh, kw]")
@@ -126,12 +126,12 @@ def infer_config(mapped_shapes: dict[str, tuple], patch_shape: tuple, head_dim: 
         text_len=int(side.get("text_len", 512)),
         in_channels=int(in_channels), out_channels=out_rows // patch_elems, patch_size=[int(p) for p in patch],
         eps=float(side.get("eps", 1e-6)), qk_norm=qk_norm,
-        qk_norm_width=int(dim) if qk_norm == "masked" else None,
+        qk_norm_width=int(qk_norm_width or dim) if qk_norm == "masked" else None,
     )
 
 
 def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: int | None = None,
-                qk_norm: str = "kept", select: str | None = None, progress: bool = True) -> dict:
+                qk_norm: str = "kept", select: str | None = None, qk_norm_width: int | None = None) -> dict:
     """Convert ``source`` into ``out_dir/dit.safetensors``; returns the ``dit`` config section."""
     source = Path(source)
     ckpt = open_checkpoint(source, pattern="diffusion_pytorch_model*.safetensors", select=select)
@@ -151,7 +151,7 @@ def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: i
     patch_src = mapped.get("patch_embedding.weight", (None,))[0]
     if patch_src is None:
         check_strict(mapped_shapes, {"patch_embedding.weight": ()}, unmatched, f"{source}")
-    config = infer_config(mapped_shapes, ckpt.shape(patch_src), head_dim, side_config(source), qk_norm)
+    config = infer_config(mapped_shapes, ckpt.shape(patch_src), head_dim, side_config(source), qk_norm, qk_norm_width)
     model = WanDiT(config)
     check_strict(mapped_shapes, parameter_shapes(model), unmatched, f"{source} ({layout} layout)")
     weights = {}

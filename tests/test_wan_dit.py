@@ -169,6 +169,8 @@ def test_masked_pruned_model_equals_zeroed_wide_model(tmp_path):
     cfg = pruned.config
     assert cfg.self_attn_heads == [2, 1] and cfg.cross_attn_heads == [2, 1] and cfg.ffn_dim == [64, 40]
     assert cfg.qk_norm == "masked" and cfg.qk_norm_width == 96
+    assert convert_dit(tmp_path / "pruned" / "p.safetensors", tmp_path, head_dim=32, qk_norm="masked",
+                       qk_norm_width=128)["qk_norm_width"] == 128  # re-pruning a pruned model: given explicitly
 
     x = to_mlx_latents(LATENTS)
     a = np.array(pruned(x, [937.5], context=mx.array(CONTEXT)))
