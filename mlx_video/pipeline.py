@@ -141,8 +141,10 @@ class MemoryPlan:
 def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int, attention_budget: int) -> int:
     """Predicted DiT-stage peak: weights + per-prompt text K/V + the largest phase of one block.
 
-    Phases (fp32 activations; ``r`` = residual-sized, ``i`` = q/k/v-sized buffers):
-    q/k/v + RoPE: 2r + 5i; attention: r + 5i + scores (chunked); FFN: 2r + 2 hidden chunks.
+    Phases, in fp32 activations (``r``: one residual-sized buffer, ``i``: one q/k/v-sized buffer): the
+    q/k/v projections with RoPE, 2r + 14i; attention, 2r + 8i + the score chunk; the FFN, 2r + 2 hidden
+    chunks. The buffer counts were fitted to MLX's peak counter on the CPU (one 10-head block at 900,
+    11154 and 32760 tokens, attention budgets 128 MB to 2 GB: within -9%..+4%).
     """
     from .ops import attention_peak_bytes
 
@@ -156,7 +158,7 @@ def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int
     hidden = max(config.ffn_dim)
     ffn_chunk = min(tokens, max(1, attention_budget // (hidden * 8)))
     scores = attention_peak_bytes(b, heads, tokens, tokens, attention_budget)
-    phases = (2 * r + 5 * i, r + 5 * i + scores, 2 * r + 2 * b * ffn_chunk * hidden * 4)
+    phases = (2 * r + 14 * i, 2 * r + 8 * i + scores, 2 * r + 2 * b * ffn_chunk * hidden * 4)
     return int(weight_bytes + text_kv + max(phases))
 
 

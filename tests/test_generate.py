@@ -284,3 +284,23 @@ def test_hub_repo_ids_resolve_from_the_local_cache_offline(model, tmp_path, monk
         main(["generate", "--model", "someone/not-downloaded", "--prompt", "fox", "--output", str(tmp_path / "b.mp4")])
     assert exc.value.code == 2
     assert "huggingface-cli download someone/not-downloaded" in capsys.readouterr().err
+
+
+def test_dit_peak_memory_prediction_is_within_15_percent():
+    """The memory planner's DiT prediction against MLX's peak counter for one forward pass."""
+    from mlx_video.utils import parameter_count
+
+    cfg = wan_dit.WanDiTConfig(dim=512, num_layers=1, self_attn_heads=6, cross_attn_heads=6, ffn_dim=1024,
+                               head_dim=64, text_dim=64)
+    dit = wan_dit.WanDiT(cfg)
+    mx.eval(dit.parameters())
+    shape = (1, 5, 40, 64, 16)  # 3200 tokens
+    dit.attention_budget = 64 * 1024**2
+    latents = mx.random.normal(shape)
+    text = dit.prepare_text(mx.random.normal((1, 512, 64)))
+    mx.eval(latents, text)
+    mx.reset_peak_memory()
+    mx.eval(dit(latents, [937.5], text=text))
+    measured = mx.get_peak_memory()
+    predicted = pipeline.dit_peak_bytes(cfg, shape, parameter_count(dit) * 4, dit.attention_budget)
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
