@@ -141,6 +141,18 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _record_timings(entry: dict, samples: dict, flops: float, scale: float) -> None:
+    """Timing block, achieved FLOP/s and full-model scaling per side; the paired MLX/reference ratio."""
+    for side, s in samples.items():
+        d = entry.setdefault(side, {})
+        d["time"] = _timing_block(s, os.cpu_count() or 1)
+        d["achieved_flops_per_s"] = flops / d["time"]["median_s"]
+        _scaled(d, scale)
+    if "reference" in samples:
+        entry["ratio"] = _paired_ratio(samples["mlx"]["wall"], samples["reference"]["wall"])
+    entry["load_avg_end"] = _load()
+
+
 def run_interleaved(fns: dict, repeats: int) -> dict:
     """Run each callable ``repeats`` times, alternating which goes first; returns per-name samples and CPU use."""
     names = list(fns)
@@ -516,15 +528,8 @@ def bench_dit(args, model_name: str, shapes: list[str], torch_side, mlx_dtype, w
             entry["parity_rel_error"] = _rel_error(y_mlx.transpose(0, 4, 1, 2, 3), y_ref.float().cpu().numpy())
             del y_ref
             fns["reference"] = ref_step
-        samples = run_interleaved(fns, args.shape_repeats.get(shape_name, args.repeats))
-        for side, s in samples.items():
-            d = entry.setdefault(side, {})
-            d["time"] = _timing_block(s, os.cpu_count() or 1)
-            d["achieved_flops_per_s"] = fl_timed["total"] / d["time"]["median_s"]
-            _scaled(d, scale)
-        if "reference" in samples:
-            entry["ratio"] = _paired_ratio(samples["mlx"]["wall"], samples["reference"]["wall"])
-        entry["load_avg_end"] = _load()
+        _record_timings(entry, run_interleaved(fns, args.shape_repeats.get(shape_name, args.repeats)),
+                        fl_timed["total"], scale)
         results["stages"].append(entry)
         if shape_name == args.profile_shape and model_name == args.profile_model:
             results["profile"] = profile_dit(mlx_model, x, ctx, t, ref, torch_side, x_np, ctx_np, shape_name,
@@ -1062,15 +1067,8 @@ def bench_decoder(args, quick: bool, shapes: list[str], torch_side, mlx_dtype, w
             entry["reference"] = {"name": "PyTorch TAEHV (tests/taehv_reference.py)", "memory": pr.as_dict(mlx=False)}
             entry["parity_max_abs_diff"] = float(max(np.abs(a - b).max() for a, b in zip(frames_mlx, frames_ref)))
             fns["reference"] = ref_decode
-        samples = run_interleaved(fns, args.shape_repeats.get(shape_name, args.repeats))
-        for side, s in samples.items():
-            d = entry.setdefault(side, {})
-            d["time"] = _timing_block(s, os.cpu_count() or 1)
-            d["achieved_flops_per_s"] = fl_run["total"] / d["time"]["median_s"]
-            _scaled(d, scale)
-        if "reference" in samples:
-            entry["ratio"] = _paired_ratio(samples["mlx"]["wall"], samples["reference"]["wall"])
-        entry["load_avg_end"] = _load()
+        _record_timings(entry, run_interleaved(fns, args.shape_repeats.get(shape_name, args.repeats)),
+                        fl_run["total"], scale)
         results["stages"].append(entry)
         if shape_name == args.profile_shape:
             results["profile_decode"] = profile_decoder(model, ref, torch_side, z, z_np, tile, shape_name,

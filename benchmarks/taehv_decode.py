@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlx_video.utils import max_rss_bytes
+
 import numpy as np
 
 SIZES = {"13x44x78": "13 latents -> 49 frames at 352x624", "21x60x104": "21 latents -> 81 frames at 480x832"}
@@ -39,24 +41,16 @@ ALL_MODES = ("mlx-stream", "mlx-tiled", "mlx-parallel", "torch-stream", "torch-p
 
 
 def _rss_reset() -> int:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
-    return _status("VmRSS")
+    from benchmarks.run import _rss_reset as reset
+
+    return reset() or 0
 
 
 def _status(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+    from benchmarks.run import _status_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    value = _status_bytes(field)
+    return value if value is not None else max_rss_bytes()
 
 
 def _samples(t_latent: int) -> list[int]:

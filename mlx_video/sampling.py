@@ -216,15 +216,18 @@ def _unic_rhos(hh: float, b_h: float, rks: list[float]) -> np.ndarray:
     return np.linalg.solve(np.array(R), np.array(b))
 
 
+def _bh2_step(sigma_t: float, sigma_s0: float) -> tuple[float, float, float, float, float]:
+    """Shared UniP/UniC quantities for a step from sigma_s0 to sigma_t: alpha_t, lambda_s0, h, h_phi_1, B(h)."""
+    lambda_t, lambda_s0 = _lambda(sigma_t), _lambda(sigma_s0)
+    h = lambda_t - lambda_s0
+    h_phi_1 = _expm1(-h)
+    return 1.0 - sigma_t, lambda_s0, h, h_phi_1, h_phi_1  # bh2: B(h) = expm1(-h)
+
+
 def _unipc_predictor(x, models: list, sigmas: np.ndarray, i: int, order: int):
     """UniP-bh2 step from sigma_i to sigma_{i+1}; ``models`` = converted outputs, newest last."""
     sigma_t, sigma_s0 = sigmas[i + 1], sigmas[i]
-    alpha_t = 1.0 - sigma_t
-    lambda_t, lambda_s0 = _lambda(sigma_t), _lambda(sigma_s0)
-    h = lambda_t - lambda_s0
-    hh = -h
-    h_phi_1 = _expm1(hh)
-    b_h = _expm1(hh)
+    alpha_t, lambda_s0, h, h_phi_1, b_h = _bh2_step(sigma_t, sigma_s0)
     m0 = models[-1]
     x_t_ = float(sigma_t / sigma_s0) * x - float(alpha_t * h_phi_1) * m0
     if order == 1:
@@ -241,12 +244,7 @@ def _unipc_corrector(model_t, last_sample, models: list, sigmas: np.ndarray, i: 
     """UniC-bh2: correct the sample at sigma_i (predicted from ``last_sample`` at sigma_{i-1}) with the new
     converted output ``model_t``; ``models`` = outputs before this step, newest last."""
     sigma_t, sigma_s0 = sigmas[i], sigmas[i - 1]
-    alpha_t = 1.0 - sigma_t
-    lambda_t, lambda_s0 = _lambda(sigma_t), _lambda(sigma_s0)
-    h = lambda_t - lambda_s0
-    hh = -h
-    h_phi_1 = _expm1(hh)
-    b_h = _expm1(hh)
+    alpha_t, lambda_s0, h, h_phi_1, b_h = _bh2_step(sigma_t, sigma_s0)
     m0 = models[-1]
     rks, d1s = [], []
     for k in range(1, order):
@@ -254,7 +252,7 @@ def _unipc_corrector(model_t, last_sample, models: list, sigmas: np.ndarray, i: 
         rks.append(rk)
         d1s.append((models[-(k + 1)] - m0) * float(1.0 / rk))
     rks.append(1.0)
-    rhos_c = _unic_rhos(hh, b_h, rks)
+    rhos_c = _unic_rhos(-h, b_h, rks)
     x_t_ = float(sigma_t / sigma_s0) * last_sample - float(alpha_t * h_phi_1) * m0
     corr = float(rhos_c[-1]) * (model_t - m0)
     for rho, d1 in zip(rhos_c[:-1], d1s):
