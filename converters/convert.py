@@ -81,8 +81,9 @@ def run(args) -> int:
                                   args.qk_norm, args.select, args.qk_norm_width)
             update_config(tmp, config_dir, "dit", section)
             config_dir = tmp
-            _say(f"DiT: {section['num_layers']} layers, {section['parameters'] / 1e9:.3f}B parameters "
-                 f"({section['source_layout']} layout)")
+            n = section["parameters"]
+            size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+            _say(f"DiT: {section['num_layers']} layers, {size} parameters ({section['source_layout']} layout)")
         if args.text_encoder or args.tokenizer:
             from .umt5 import convert_text_encoder
 

@@ -496,7 +496,8 @@ def convert_text_encoder(source, tokenizer, out_dir: Path, args) -> dict:
     q = config.quantization
     qtext = (f"INT{q['bits']} g{q['group_size']} ({facts['quantized_modules']} modules quantized"
              f"{', kept: ' + ','.join(q['keep']) if q['keep'] else ''})" if q else dtype)
-    section["summary"] = (f"UMT5 {config.num_layers} layers, dim {config.dim}, {params / 1e9:.3f}B parameters "
+    size = f"{params / 1e9:.3f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+    section["summary"] = (f"UMT5 {config.num_layers} layers, dim {config.dim}, {size} parameters "
                           f"({layout} layout), {qtext}, {facts['file_bytes'] / 1e9:.2f} GB"
                           + (f"; {'; '.join(notes)}" if notes else ""))
     return section
