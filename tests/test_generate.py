@@ -304,3 +304,16 @@ def test_dit_peak_memory_prediction_is_within_15_percent():
     measured = mx.get_peak_memory()
     predicted = pipeline.dit_peak_bytes(cfg, shape, parameter_count(dit) * 4, dit.attention_budget)
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_memory_limit_and_low_memory_shape_the_plan(model, tmp_path):
+    assert generate(model, tmp_path / "a.mp4", "--memory-limit", "1GB", "--low-memory", "--seed", "5") == 0
+    plan = json.loads((tmp_path / "a.mp4.json").read_text())["memory_plan"]
+    assert plan["limit_bytes"] == 1024**3 and plan["attention_budget_bytes"] == 1024**3 // 16
+    assert set(plan["predicted"]) == {"encode", "denoise", "decode"}
+    assert generate(model, tmp_path / "b.mp4", "--seed", "5") == 0  # the plan changes memory use, not results
+    assert np.array_equal(read_video(tmp_path / "a.mp4"), read_video(tmp_path / "b.mp4"))
+    big = pipeline.GenerationRequest(prompt="x", height=480, width=832, frames=81)
+    tight = pipeline.plan_memory(model, big, 256 * 1024**2, low_memory=True)
+    roomy = pipeline.plan_memory(model, big, 16 * 1024**3, low_memory=False)
+    assert roomy.decoder_tile is None and tight.attention_budget_bytes < roomy.attention_budget_bytes
