@@ -647,7 +647,7 @@ def _instrumented_dit(model):
         return y
 
     orig = {"linear": wan_dit.linear, "attention": wan_dit.attention, "apply_rope": wan_dit.apply_rope,
-            "gelu_tanh_fresh": wan_dit.gelu_tanh_fresh, "layer_norm": wan_dit.layer_norm,
+            "gelu_tanh_fresh": wan_dit.gelu_tanh_fresh, "layer_norm": wan_dit.modulated_layer_norm,
             "qknorm": wan_dit.QKNorm.__call__}
     wan_dit.linear = lambda layer, x: timed(f"matmul {role(layer)}", orig["linear"], layer, x)
     wan_dit.attention = lambda q, k, v, **kw: timed(
@@ -655,13 +655,13 @@ def _instrumented_dit(model):
         orig["attention"], q, k, v, **kw)
     wan_dit.apply_rope = lambda x, c, s: timed("rope", orig["apply_rope"], x, c, s)
     wan_dit.gelu_tanh_fresh = lambda x: timed("gelu (ffn)", orig["gelu_tanh_fresh"], x)
-    wan_dit.layer_norm = lambda *a: timed("layer_norm", orig["layer_norm"], *a)
+    wan_dit.modulated_layer_norm = lambda *a: timed("layer_norm", orig["layer_norm"], *a)
     wan_dit.QKNorm.__call__ = lambda self, x: timed("qk rms_norm", orig["qknorm"], self, x)
     try:
         yield acc
     finally:
         wan_dit.linear, wan_dit.attention, wan_dit.apply_rope = orig["linear"], orig["attention"], orig["apply_rope"]
-        wan_dit.gelu_tanh_fresh, wan_dit.layer_norm = orig["gelu_tanh_fresh"], orig["layer_norm"]
+        wan_dit.gelu_tanh_fresh, wan_dit.modulated_layer_norm = orig["gelu_tanh_fresh"], orig["layer_norm"]
         wan_dit.QKNorm.__call__ = orig["qknorm"]
 
 

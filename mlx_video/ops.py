@@ -192,3 +192,35 @@ def gelu_tanh_fresh(x: mx.array) -> mx.array:
 def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
     """LayerNorm with fp32 statistics (Wan's ``WanLayerNorm`` computes in float32)."""
     return mx.fast.layer_norm(x.astype(mx.float32), weight, bias, eps)
+
+
+def _norm_rows(src: np.ndarray, dst: np.ndarray, mul: np.ndarray, add: np.ndarray, eps: float) -> None:
+    for a in range(0, src.shape[0], _CACHE_ROWS):
+        s, d = src[a:a + _CACHE_ROWS], dst[a:a + _CACHE_ROWS]
+        np.subtract(s, s.mean(axis=-1, keepdims=True), out=d)
+        rstd = 1.0 / np.sqrt(np.einsum("ij,ij->i", d, d)[:, None] / d.shape[-1] + eps)
+        d *= rstd
+        d *= mul
+        d += add
+
+
+def modulated_layer_norm(x: mx.array, mul: mx.array, add: mx.array, eps: float) -> mx.array:
+    """``LayerNorm(x) * mul + add`` with fp32 statistics; ``mul``/``add`` are ``[B, 1, D]`` (adaLN: 1 + scale,
+    shift) or ``[D]`` (affine weight, bias). On the CPU one NumPy pass per row block on all cores replaces
+    MLX's single-threaded norm and two broadcast ops (~0.55 s -> ~0.1 s per block at 11k tokens)."""
+    x = x.astype(mx.float32)
+    mul, add = mul.astype(mx.float32), add.astype(mx.float32)
+    if mx.default_device() != mx.cpu or x.ndim != 3:
+        return mx.fast.layer_norm(x, None, None, eps) * mul + add
+    b, _, d = x.shape
+    mul, add = mx.broadcast_to(mul, (b, 1, d)), mx.broadcast_to(add, (b, 1, d))
+    mx.eval(x, mul, add)
+    src, m, a = np.asarray(x), np.array(mul), np.array(add)
+    out = np.empty(src.shape, np.float32)
+    for i in range(b):
+        src_rows, dst_rows = src[i], out[i]
+        n = min(_POOL._max_workers, src_rows.shape[0])
+        bounds = np.linspace(0, src_rows.shape[0], n + 1).astype(int)
+        list(_POOL.map(lambda ab: _norm_rows(src_rows[ab[0]:ab[1]], dst_rows[ab[0]:ab[1]], m[i], a[i], eps),
+                       zip(bounds[:-1], bounds[1:])))
+    return mx.array(out)

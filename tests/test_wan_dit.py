@@ -273,3 +273,15 @@ def test_unknown_layout_error_names_what_it_looked_for(tmp_path):
     save_file({"foo.weight": torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ConversionError, match="unknown DiT checkpoint layout"):
         convert_dit(tmp_path / "x.safetensors", tmp_path)
+
+
+def test_modulated_layer_norm_matches_mlx_layer_norm():
+    from mlx_video.ops import modulated_layer_norm
+
+    x = mx.random.normal((2, 333, 96), key=mx.random.key(0)) * 3 + 1
+    scale, shift = mx.random.normal((2, 1, 96), key=mx.random.key(1)), mx.random.normal((2, 1, 96), key=mx.random.key(2))
+    ref = mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale) + shift
+    assert np.abs(np.array(modulated_layer_norm(x, 1 + scale, shift, 1e-6)) - np.array(ref)).max() < 1e-5
+    w, b = mx.random.normal((96,), key=mx.random.key(3)), mx.random.normal((96,), key=mx.random.key(4))
+    ref = mx.fast.layer_norm(x, w, b, 1e-6)
+    assert np.abs(np.array(modulated_layer_norm(x, w, b, 1e-6)) - np.array(ref)).max() < 1e-5

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, gelu_tanh_fresh, layer_norm
+from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, gelu_tanh_fresh, modulated_layer_norm
 
 # Parameters that stay fp32 whatever the weight dtype (small, and precision-critical).
 FP32_PARAMETERS = ("time_embedding.", "modulation", "norm", "head.linear")
@@ -221,7 +221,7 @@ class LayerNormAffine(nn.Module):
         self.weight, self.bias, self.eps = mx.ones((dim,)), mx.zeros((dim,)), eps
 
     def __call__(self, x):
-        return layer_norm(x, self.weight.astype(mx.float32), self.bias.astype(mx.float32), self.eps)
+        return modulated_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class Block(nn.Module):
@@ -238,10 +238,10 @@ class Block(nn.Module):
     def __call__(self, x, e0, rope, cross_kv, budget: int = DEFAULT_ATTENTION_BUDGET):
         e = self.modulation.astype(mx.float32) + e0  # [B, 6, dim], fp32
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (e[:, i:i + 1] for i in range(6))
-        y = self.self_attn(layer_norm(x, None, None, self.eps) * (1 + scale_msa) + shift_msa, rope=rope, budget=budget)
+        y = self.self_attn(modulated_layer_norm(x, 1 + scale_msa, shift_msa, self.eps), rope=rope, budget=budget)
         x = x + y.astype(mx.float32) * gate_msa
         x = x + self.cross_attn(self.norm3(x), kv=cross_kv, budget=budget).astype(mx.float32)
-        y = self.ffn(layer_norm(x, None, None, self.eps) * (1 + scale_ffn) + shift_ffn, budget=budget)
+        y = self.ffn(modulated_layer_norm(x, 1 + scale_ffn, shift_ffn, self.eps), budget=budget)
         return x + y.astype(mx.float32) * gate_ffn
 
 
@@ -264,7 +264,7 @@ class Head(nn.Module):
     def __call__(self, x, e):
         mod = self.modulation.astype(mx.float32) + e[:, None, :]  # raw time embedding, no SiLU
         shift, scale = mod[:, 0:1], mod[:, 1:2]
-        y = layer_norm(x, None, None, self.eps) * (1 + scale) + shift
+        y = modulated_layer_norm(x, 1 + scale, shift, self.eps)
         return self.linear(y.astype(self.linear.weight.dtype)).astype(mx.float32)
 
 
