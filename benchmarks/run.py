@@ -141,6 +141,14 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _mlx_op_table(acc: dict[str, float], total: float, other_label: str) -> dict:
+    """Per-op MLX times (each op timed on its own), largest first, plus the unattributed rest."""
+    other = max(0.0, total - sum(acc.values()))
+    ops_ = sorted(acc.items(), key=lambda kv: -kv[1]) + [(other_label, other)]
+    return {"total_s": total, "method": "each op evaluated and timed on its own (inputs evaluated first)",
+            "ops": [{"op": k, "seconds": v, "fraction": v / total} for k, v in ops_]}
+
+
 def _record_timings(entry: dict, samples: dict, flops: float, scale: float) -> None:
     """Timing block, achieved FLOP/s and full-model scaling per side; the paired MLX/reference ratio."""
     for side, s in samples.items():
@@ -675,12 +683,7 @@ def profile_dit(mlx_model, x, ctx, t, ref, torch_side, x_np, ctx_np, shape_name,
         t0 = time.perf_counter()
         mx.eval(mlx_model(x, [t], context=ctx))
         total = time.perf_counter() - t0
-    ops_ = sorted(acc.items(), key=lambda kv: -kv[1])
-    other = max(0.0, total - sum(acc.values()))
-    out["mlx"] = {"total_s": total, "method": "each op evaluated and timed on its own (inputs evaluated first)",
-                  "ops": [{"op": k, "seconds": v, "fraction": v / total} for k, v in ops_]
-                  + [{"op": "other (modulation, residuals, casts, patchify)", "seconds": other,
-                      "fraction": other / total}]}
+    out["mlx"] = _mlx_op_table(acc, total, "other (modulation, residuals, casts, patchify)")
     bd = fl["breakdown"]
     out["flops_breakdown_timed"] = bd
     if ref is not None:
@@ -1171,15 +1174,7 @@ def profile_decoder(model, ref, torch_side, z, z_np, tile, shape_name, latents: 
         for fr in taehv.decode_stream(model, z[:, :latents], tile=tile):
             mx.eval(fr)
         total = time.perf_counter() - t0
-    groups: dict[str, float] = {}
-    for k, v in acc.items():
-        groups[k] = groups.get(k, 0.0) + v
-    ops_ = sorted(groups.items(), key=lambda kv: -kv[1])
-    other = max(0.0, total - sum(acc.values()))
-    out["mlx"] = {"total_s": total, "method": "each op evaluated and timed on its own (inputs evaluated first)",
-                  "ops": [{"op": k, "seconds": v, "fraction": v / total} for k, v in ops_]
-                  + [{"op": "other (TGrow/TPool reshapes, stream bookkeeping, clip)", "seconds": other,
-                      "fraction": other / total}]}
+    out["mlx"] = _mlx_op_table(acc, total, "other (TGrow/TPool reshapes, stream bookkeeping, clip)")
     if ref is not None:
         torch = torch_side.torch
         from torch.profiler import ProfilerActivity, profile

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -27,10 +28,7 @@ def describe(folder) -> dict:
             header = read_safetensors_header(folder / wfile)
             params, nbytes = Counter(), Counter()
             for info in header.values():
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                params[info["dtype"]] += n
+                params[info["dtype"]] += math.prod(info["shape"])
                 nbytes[info["dtype"]] += info["data_offsets"][1] - info["data_offsets"][0]
             entry.update(tensors=len(header), elements_by_dtype=dict(params), bytes_by_dtype=dict(nbytes),
                          file_bytes=(folder / wfile).stat().st_size)

@@ -89,11 +89,12 @@ def _attend(q, kt, v):
 _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="mlx-video-cpu")
 
 
-def _rows_parallel(fn, rows: np.ndarray) -> list:
-    """Apply ``fn`` to contiguous row blocks of a 2D array on all cores (NumPy releases the GIL)."""
-    n = min(_POOL._max_workers, rows.shape[0])
-    bounds = np.linspace(0, rows.shape[0], n + 1).astype(int)
-    return list(_POOL.map(fn, [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))
+def _rows_parallel(fn, *arrays: np.ndarray) -> list:
+    """Apply ``fn`` to matching contiguous row blocks of 2D arrays on all cores (NumPy releases the GIL)."""
+    rows = arrays[0].shape[0]
+    n = min(_POOL._max_workers, rows)
+    bounds = np.linspace(0, rows, n + 1).astype(int)
+    return list(_POOL.map(lambda ab: fn(*(a[ab[0]:ab[1]] for a in arrays)), zip(bounds[:-1], bounds[1:])))
 
 
 def _owned_numpy_view(a: mx.array) -> np.ndarray | None:
@@ -218,9 +219,5 @@ def modulated_layer_norm(x: mx.array, mul: mx.array, add: mx.array, eps: float) 
     src, m, a = np.asarray(x), np.array(mul), np.array(add)
     out = np.empty(src.shape, np.float32)
     for i in range(b):
-        src_rows, dst_rows = src[i], out[i]
-        n = min(_POOL._max_workers, src_rows.shape[0])
-        bounds = np.linspace(0, src_rows.shape[0], n + 1).astype(int)
-        list(_POOL.map(lambda ab: _norm_rows(src_rows[ab[0]:ab[1]], dst_rows[ab[0]:ab[1]], m[i], a[i], eps),
-                       zip(bounds[:-1], bounds[1:])))
+        _rows_parallel(lambda s, d: _norm_rows(s, d, m[i], a[i], eps), src[i], out[i])
     return mx.array(out)

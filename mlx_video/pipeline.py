@@ -10,6 +10,7 @@ timed and its peak memory measured. Non-finite latents or frames and black/const
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -23,7 +24,8 @@ import mlx.core as mx
 
 from . import sampling
 from .models import wan_dit
-from .utils import config_section, free_memory, max_rss_bytes, parse_dtype, read_config, resolve_model_path
+from .utils import (config_from_dict, config_section, free_memory, max_rss_bytes, parse_dtype, read_config,
+                    resolve_model_path)
 from .video import GenerationFailed, VideoWriter, check_finite, write_failure_report
 
 VAE_STRIDE = (4, 8, 8)  # latent frames/rows/cols -> video (Wan latent space, TAEHV matches it)
@@ -176,14 +178,12 @@ def plan_memory(folder: Path, request: GenerationRequest, limit_bytes: int | Non
         predicted["encode"] = umt5.text_encoder_peak_bytes(config["text_encoder"], tokens=text_tokens, batch=prompts,
                                                            stream=not keep_models)
     if "dit" in config:
-        dit_cfg = wan_dit.WanDiTConfig(**{k: v for k, v in config["dit"].items()
-                                          if k in wan_dit.WanDiTConfig.__dataclass_fields__})
+        dit_cfg = config_from_dict(wan_dit.WanDiTConfig, config["dit"])
         weight_bytes = _component_bytes(folder, config["dit"])
         predicted["denoise"] = dit_peak_bytes(dit_cfg, shape, weight_bytes, attention_budget)
     decoder_tile = None
     if "decoder" in config:
         from .models import taehv
-        from .utils import config_from_dict
 
         dec_cfg = config_from_dict(taehv.TAEHVConfig, config["decoder"])
         itemsize = 4 if mx.default_device() == mx.cpu else 2
@@ -200,12 +200,7 @@ def _component_bytes(folder: Path, section: dict) -> int:
         return 0
     from converters.common import read_safetensors_header
 
-    elements = 0
-    for info in read_safetensors_header(path).values():
-        n = 1
-        for d in info["shape"]:
-            n *= d
-        elements += n
+    elements = sum(math.prod(info["shape"]) for info in read_safetensors_header(path).values())
     itemsize = 4 if mx.default_device() == mx.cpu else 2
     return elements * itemsize
 
