@@ -63,7 +63,32 @@ def _how(s: dict) -> str:
         r = s.get("reference", {}).get("layers_timed")
         return f"{s['tokens']} tokens; MLX all {s['layers_total']} blocks" + (
             f"; ratio on {r}/{s['layers_total']} blocks, ref scaled" if r and r != s["layers_total"] else "")
+    if s["stage"].startswith("model:"):
+        return "your model folder, whole pipeline"
     return "composed"
+
+
+def short_summary(results: dict) -> list[str]:
+    """A few lines for the terminal: one per stage (MLX time, ratio to PyTorch, peak) and the targets missed."""
+    lines = []
+    mm = results.get("matmul")
+    if mm:
+        lines.append(f"matmul rate: {mm['peak_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    for s in results["stages"]:
+        m = s.get("mlx", {})
+        t = m.get("full_model_time_s", m.get("time", {}).get("median_s"))
+        ratio = s.get("ratio", {})
+        rv = ratio.get("median", ratio.get("of_medians"))
+        peak = m.get("memory", {}).get("mlx_peak_bytes")
+        lines.append(f"{s['stage']:16s} {s['model']:14s} {_shape(s):26s} {_s(t):>9s}"
+                     + (f"  MLX/PyTorch {rv:.2f}" if rv is not None else "")
+                     + (f"  peak {_b(peak)}" if peak else ""))
+    missed = [t for t in results.get("targets", []) if not t["met"]]
+    if results.get("targets"):
+        lines.append(f"targets: {len(results['targets']) - len(missed)} of {len(results['targets'])} met"
+                     + (" (missed: " + "; ".join(f"{t['target']} {t['model']} {t['shape']}" for t in missed[:4])
+                        + (" ..." if len(missed) > 4 else "") + ")" if missed else ""))
+    return lines
 
 
 def summary_table(results: dict) -> list[str]:
@@ -254,21 +279,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: beside the JSON)")
     p.add_argument("--rederive", action="store_true",
                    help="recompute the derived sections (end to end, memory plan, targets) from the measured ones "
-                        "with this version of benchmarks/run.py, and rewrite the JSON too")
+                        "with this version of benchmarks/derive.py, and rewrite the JSON too")
     args = p.parse_args(argv)
     src = Path(args.json)
     results = json.loads(src.read_text())
     if args.rederive:
-        from benchmarks import run as bench_run
+        from benchmarks.common import json_default
+        from benchmarks.derive import derive
 
-        results["stages"] = [s for s in results["stages"] if s["stage"] != "end_to_end"]
-        bench_run.compose_end_to_end(results)
-        results["memory_plan"] = bench_run.memory_plan(results, None)
-        results["targets"] = bench_run.targets(results)
-        bench_run.explain(results)
+        derive(results)
         out_json = (Path(args.out) if args.out else src.parent) / src.name
         out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=2, default=bench_run._json_default) + "\n")
+        out_json.write_text(json.dumps(results, indent=2, default=json_default) + "\n")
     out = Path(args.out) if args.out else src.parent
     out.mkdir(parents=True, exist_ok=True)
     stem = src.stem

@@ -41,13 +41,13 @@ ALL_MODES = ("mlx-stream", "mlx-tiled", "mlx-parallel", "torch-stream", "torch-p
 
 
 def _rss_reset() -> int:
-    from benchmarks.run import _rss_reset as reset
+    from benchmarks.common import _rss_reset as reset
 
     return reset() or 0
 
 
 def _status(field: str) -> int:
-    from benchmarks.run import _status_bytes
+    from benchmarks.common import _status_bytes
 
     value = _status_bytes(field)
     return value if value is not None else max_rss_bytes()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,47 +17,46 @@ from typing import Callable, Iterator, Mapping
 import mlx.core as mx
 import numpy as np
 
-from mlx_video.utils import CONFIG_NAME, MLX_VIDEO_FORMAT
+from mlx_video import fsio
+from mlx_video.inputs import MAX_JSON_BYTES, InputError, check_input_path, read_json, resolve_inside
+from mlx_video.safetensors_io import read_safetensors_header as _read_header
+from mlx_video.utils import CONFIG_NAME, MLX_VIDEO_FORMAT, UserError
 
 
-class ConversionError(Exception):
-    """A checkpoint cannot be converted; the message says exactly why."""
+class ConversionError(UserError):
+    """A checkpoint cannot be converted; the message says exactly why (exit 1, no traceback)."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading checkpoints without executing pickle code
 # --------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64",
-              "F8_E4M3", "F8_E5M2"}
+@contextmanager
+def conversion_errors() -> Iterator[None]:
+    """Report ``mlx_video``'s input errors (bad file kind, size, JSON, safetensors header) as ConversionError."""
+    try:
+        yield
+    except InputError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """Parse and validate a safetensors header: shapes without loading data, and truncation detection."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConversionError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise ConversionError(f"{path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{path}: corrupt safetensors header ({exc})") from None
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    for key, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
-            raise ConversionError(f"{path}: corrupt safetensors entry for {key!r}")
-        end = info["data_offsets"][1]
-        if end > data_size:
-            raise ConversionError(
-                f"{path}: truncated safetensors file: tensor {key!r} ends at byte {end} but the data "
-                f"section has only {data_size} bytes (incomplete download?)"
-            )
-    return header
+    """Shapes, dtypes and offsets without loading data; truncation, overlaps and malformed entries are errors
+    (``mlx_video.safetensors_io``)."""
+    with conversion_errors():
+        return _read_header(path)
+
+
+def finite_floating(weights: Mapping[str, mx.array], source, note: str = "") -> None:
+    """Refuse integer/bool tensors where float weights go, and NaN/Inf values (a broken or hostile file)."""
+    for name, w in weights.items():
+        if not mx.issubdtype(w.dtype, mx.floating):
+            raise ConversionError(f"{source}: tensor {name!r} has dtype {str(w.dtype).split('.')[-1]}; expected "
+                                  f"floating point weights "
+                                  f"(float32/float16/bfloat16; not int8/bool or fp8 'scaled' files)")
+    bad = [k for k, v in weights.items() if not bool(mx.all(mx.isfinite(v)).item())]
+    if bad:
+        raise ConversionError(f"{source}: non-finite values (NaN/Inf) in {bad[:5]}{note}")
 
 
 class Checkpoint(Mapping):
@@ -143,7 +140,7 @@ def _open_torch(path: Path, select: str | None) -> Checkpoint:
         if "zip" in str(exc).lower() or "mmap" in str(exc).lower():  # legacy (non-zip) format: no mmap
             obj = _torch_load_plain(torch, path)
         else:
-            raise ConversionError(f"{path}: cannot read PyTorch checkpoint ({exc})") from None
+            raise _pickle_error(path, exc) from None
     except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
         raise _pickle_error(path, exc) from None
     if isinstance(obj, Mapping):
@@ -170,39 +167,102 @@ def _torch_load_plain(torch, path: Path):
         raise _pickle_error(path, exc) from None
 
 
+# Modules a plain PyTorch weight pickle references (tensor rebuild functions, storages, OrderedDict).
+_WEIGHT_PICKLE_MODULES = ("torch", "collections", "_codecs", "numpy")
+_MAX_PICKLE_SCAN_BYTES = 256 * 1024**2
+
+
+def pickle_code_references(path: Path) -> list[str]:
+    """Globals a pickle (or a torch zip's ``data.pkl``) imports beyond what plain weights need, found by
+    reading its opcodes only (``pickletools.genops``: nothing is ever executed). Garbage stops the scan."""
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = [i for i in z.infolist() if i.filename.endswith(".pkl") and i.file_size <= _MAX_PICKLE_SCAN_BYTES]
+                data = b"".join(z.read(i) for i in pkl[:4])
+        else:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_PICKLE_SCAN_BYTES)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return []
+    found, strings, memo = [], [], {}
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if isinstance(arg, str) and "UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+                strings.append(str(arg))
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[arg] = strings[-1]
+            elif op.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                strings.append(memo[arg])
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - garbage or truncation: keep what was found before it
+        pass
+    return [g for g in dict.fromkeys(found) if re.fullmatch(r"[A-Za-z_][\w.]*", g)
+            and g.split(".")[0] not in _WEIGHT_PICKLE_MODULES]
+
+
 def _pickle_error(path: Path, exc: Exception) -> ConversionError:
+    """A payload (globals beyond plain weights) is refused as code; anything else is a corrupt file."""
     text = str(exc)
-    if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+    code = pickle_code_references(path)
+    m = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", text)  # torch names the global it blocked
+    if m and m.group(1) not in code:
+        code.insert(0, m.group(1))
+    if code:
         return ConversionError(
-            f"{path}: refusing to load: the pickle references code objects that a plain weight file never "
-            f"needs, and mlx-video never executes pickle code (torch.load(weights_only=True)). "
-            f"Detail: {text.splitlines()[0] if text else type(exc).__name__}"
-        )
-    return ConversionError(f"{path}: cannot read PyTorch checkpoint ({type(exc).__name__}: {text[:300]})")
+            f"{path}: refusing to load: the pickle contains code ({', '.join(code[:3])}), which a plain weight "
+            f"file never needs; mlx-video never executes pickle code (torch.load(weights_only=True))")
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+    lines = [line.strip() for line in text.splitlines()]
+    detail = " ".join(line for line in lines if line and not line.startswith(boiler))
+    detail = detail.replace("WeightsUnpickler error:", "").strip() or type(exc).__name__
+    return ConversionError(f"{path}: not a PyTorch checkpoint, or a corrupt or truncated one "
+                           f"({type(exc).__name__}: {detail[:200]})")
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, each checked to lie inside ``folder``."""
+    with conversion_errors():
+        data = read_json(index, "safetensors index", MAX_JSON_BYTES)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index}: 'weight_map' must be a non-empty object mapping tensor names to "
+                                  f"shard files")
+        files = sorted({resolve_inside(folder, name, f"{index}: weight_map[{key!r}]")
+                        for key, name in weight_map.items()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ConversionError(f"{index}: shards missing: {missing}")
+        return [check_input_path(f, "safetensors shard", folder_ok=False) for f in files]
 
 
 def open_checkpoint(path: str | os.PathLike, pattern: str = "*.safetensors", select: str | None = None) -> Checkpoint:
     """Open a checkpoint: one ``.safetensors``/``.pth``/``.pt``/``.bin`` file, a sharded safetensors
     folder (``*.safetensors.index.json``), or a folder of ``*.safetensors`` files matching ``pattern``.
     ``select`` picks a top-level entry of a .pth dict (e.g. ``generator`` instead of ``generator_ema``).
+    Only regular files and folders are read: a FIFO or a device such as ``/dev/zero`` is refused.
     """
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file or directory")
+    with conversion_errors():
+        check_input_path(path, "checkpoint")
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
-        if indexes:
-            index = json.loads(indexes[0].read_text())
-            files = sorted({path / f for f in index.get("weight_map", {}).values()})
-            missing = [str(f) for f in files if not f.exists()]
-            if missing:
-                raise ConversionError(f"{indexes[0]}: shards missing: {missing}")
-        else:
-            files = sorted(path.glob(pattern))
+        files = _index_shards(path, indexes[0]) if indexes else sorted(path.glob(pattern))
         if not files:
             pth = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
             if len(pth) == 1:
-                return _open_torch(pth[0], select)
+                return open_checkpoint(pth[0], select=select)
             raise ConversionError(f"{path}: no checkpoint files ({pattern}, *.pth) found in this folder")
         return _open_safetensors(files)
     if path.suffix == ".safetensors":
@@ -289,75 +349,33 @@ def parameter_shapes(model) -> dict[str, tuple]:
 # --------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_model_folder(mlx_path: str | os.PathLike, replace: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``mlx_path`` only if the block finishes.
-
-    A new path is created from scratch. An existing mlx-video model folder is updated: its files are
-    hard-linked (or copied) into the temporary folder first, files named in ``replace`` are dropped, and the
-    swap happens at the end. A failure or interrupt leaves ``mlx_path`` exactly as it was.
-    """
-    target = Path(mlx_path).absolute()
-    if target.exists() and not (target / CONFIG_NAME).exists():
-        raise ConversionError(
-            f"{target} already exists and is not an mlx-video model folder; choose a new --mlx-path or remove it"
-        )
-    if target.exists():
-        fmt = json.loads((target / CONFIG_NAME).read_text()).get("format")
-        if fmt != MLX_VIDEO_FORMAT:
-            raise ConversionError(f"{target} holds a config.json that is not an mlx-video model folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if target.exists():
-            for item in target.iterdir():
-                if item.name in replace or item.name == CONFIG_NAME:
-                    continue
-                link_or_copy(item, tmp / item.name)
-        yield tmp
-        replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# The model-folder writers live in mlx_video.fsio (runtime file I/O belongs in mlx_video); re-exported here for
+# the converters: atomic_model_folder refuses anything at --mlx-path that is not an mlx-video model folder.
+atomic_model_folder, replace_folder, link_or_copy = fsio.atomic_model_folder, fsio.replace_folder, fsio.link_or_copy
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``, replacing an existing folder (renamed aside, then deleted)."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+def side_config_path(source: Path) -> Path:
+    return (source if source.is_dir() else source.parent) / "config.json"
 
 
 def side_config(source: Path) -> dict:
-    """The ``config.json`` beside a checkpoint file or inside a checkpoint folder ({} if none or unreadable)."""
-    folder = source if source.is_dir() else source.parent
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    """The ``config.json`` beside a checkpoint file or inside a checkpoint folder ({} if there is none).
+
+    One that exists but is not a bounded, regular, UTF-8 JSON object is an error naming it: its values
+    (head width, text length, ...) decide the conversion, so a broken one is never silently ignored."""
+    path = side_config_path(source)
+    if not path.exists():
         return {}
-    return config if isinstance(config, dict) else {}
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a file (cheap, even for multi-GB weights) or copy it where links are not possible."""
-    if src.is_dir():
-        shutil.copytree(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    with conversion_errors():
+        return read_json(path, "config.json beside the checkpoint")
 
 
 def update_config(folder: Path, previous: Path | None, section: str, value: dict) -> dict:
     """Write ``config.json`` in ``folder``: the previous folder's config with ``section`` set to ``value``."""
     config = {"format": MLX_VIDEO_FORMAT}
     if previous is not None and (previous / CONFIG_NAME).exists():
-        config.update(json.loads((previous / CONFIG_NAME).read_text()))
+        with conversion_errors():  # sections are not validated here: converting one is how a broken one is fixed
+            config.update(read_json(previous / CONFIG_NAME, "model config"))
     config[section] = value
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config

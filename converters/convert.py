@@ -6,13 +6,16 @@ Each component is optional; several can be converted into one folder in one call
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from mlx_video.utils import DTYPES, parse_dtype
+from mlx_video.causal import PRESETS as CAUSAL_PRESETS, preset_section
+from mlx_video.cli import HelpFormatter
+from mlx_video.fsio import atomic_model_folder
+from mlx_video.utils import DTYPES, UsageError, parse_dtype, readable_count
 
-from .common import ConversionError, atomic_model_folder, update_config
+from .common import ConversionError, update_config
+from .umt5 import VALID_BITS, VALID_GROUP_SIZES
 
 
 def add_parser(subparsers) -> None:
@@ -22,20 +25,33 @@ def add_parser(subparsers) -> None:
         description="Convert Wan DiT, UMT5 text encoder and TAEHV decoder checkpoints into one MLX model "
         "folder (config.json + safetensors). Loading is strict: missing, unexpected or mis-shaped tensors "
         "are an error, and nothing is unpickled beyond plain tensors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="examples:\n"
+        "  hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir wan-pytorch\n"
+        "  mlx-video convert --hf-path wan-pytorch --mlx-path wan-mlx -q\n"
+        "  mlx-video convert --decoder taew2_1.pth --mlx-path wan-mlx   # add the TAEHV decoder\n"
+        "exit status: 0 written, 1 a checkpoint could not be converted (the folder is unchanged), 2 bad flags",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--mlx-path", required=True, help="output model folder (created, or updated if it is one)")
+    p.add_argument("--hf-path", default=None, metavar="DIR",
+                   help="a downloaded Wan checkpoint folder (e.g. `hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir "
+                   "DIR`) or its Hugging Face id in the local cache: its DiT, UMT5 encoder and tokenizer are found "
+                   "inside (--dit/--text-encoder/--tokenizer override them)")
     p.add_argument("--dit", help="DiT checkpoint: file (.safetensors/.pth/.pt) or folder (Wan, diffusers, "
                    "ComfyUI or Self-Forcing layout)")
     p.add_argument("--text-encoder", help="UMT5 encoder checkpoint (Wan .pth or Hugging Face safetensors)")
     p.add_argument("--tokenizer", help="sentencepiece model (spiece.model) or a folder holding it")
     p.add_argument("--decoder", help="TAEHV decoder checkpoint (taew2_1.pth or .safetensors)")
+    p.add_argument("--vae", help="Wan2.1 VAE: Wan2.1_VAE.pth or a diffusers AutoencoderKLWan vae/ folder (the quality "
+                   "decoder: `generate --decoder wan-vae`; stored float32 unless --dtype)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weight dtype on disk (default: float16 for the decoder, bfloat16 for the text encoder, "
                    "float32 for the DiT)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the text encoder (affine, per group)")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing")
-    p.add_argument("--q-group-size", type=int, default=64, help="group size when quantizing")
+    p.add_argument("--q-bits", type=int, default=4,
+                   help=f"bits per weight when quantizing, one of {', '.join(map(str, VALID_BITS))}")
+    p.add_argument("--q-group-size", type=int, default=64,
+                   help=f"group size when quantizing, one of {', '.join(map(str, VALID_GROUP_SIZES))}")
     p.add_argument("--q-keep", default="", help="comma-separated name fragments of text-encoder Linear layers "
                    "to keep unquantized (e.g. 'attn.o,ffn.fc2')")
     p.add_argument("--q-embedding", action="store_true", help="with -q, also quantize the text encoder's token "
@@ -48,19 +64,83 @@ def add_parser(subparsers) -> None:
     p.add_argument("--qk-norm-width", type=int, default=None,
                    help="with --qk-norm masked: the width of the unpruned q/k norm (default: the model width, right "
                    "for Wan2.1 where heads*head_dim == dim; give it when re-pruning an already pruned model)")
-    p.add_argument("--sampler", choices=["fewstep", "unipc", "euler"], default=None,
+    p.add_argument("--sampler", choices=["fewstep", "unipc", "euler", *CAUSAL_PRESETS], default=None,
                    help="record the model's default sampler in config.json (fewstep for distilled models, unipc for "
-                   "Wan's 50-step solver); `generate` flags still override it")
+                   "Wan's 50-step solver); `generate` flags still override it. A causal preset (self-forcing, "
+                   "causvid-ar, causal-forcing, ...) marks a block-causal checkpoint: `generate` then runs it block by "
+                   "block with a KV cache, as it was trained (the weights alone cannot tell)")
     p.add_argument("--select", default=None,
                    help="entry of a .pth dict to read (e.g. 'generator' instead of the default 'generator_ema')")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="PEFT LoRA adapter merged into the DiT weights (LongLive's lora.pt: W + B A, alpha/r = 1)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    if not (args.dit or args.text_encoder or args.decoder or args.tokenizer or args.sampler):
-        raise ConversionError("nothing to convert: give --dit, --text-encoder/--tokenizer and/or --decoder")
+class ConvertUsageError(ConversionError, UsageError):
+    """A bad flag or combination of ``convert``: exit 2, before anything is read or written."""
+
+
+def _from_hf_path(args) -> None:
+    """Fill --dit/--text-encoder/--tokenizer from a downloaded Wan checkpoint folder (Wan-AI layout)."""
+    from mlx_video.utils import ModelPathError
+
+    folder = Path(args.hf_path).expanduser()
+    if not folder.is_dir():
+        if str(args.hf_path).count("/") != 1 or str(args.hf_path).startswith((".", "/", "~")):
+            raise ConvertUsageError(f"--hf-path {args.hf_path}: no such folder")
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(repo_id=str(args.hf_path), local_files_only=True))
+        except Exception:  # noqa: BLE001 - hub errors vary by version
+            raise ModelPathError(f"--hf-path {args.hf_path} is neither a folder nor in the Hugging Face cache; "
+                                 f"download it first: hf download {args.hf_path} --local-dir "
+                                 f"{args.hf_path.split('/')[-1]}") from None
+    wan = any(folder.glob("diffusion_pytorch_model*.safetensors*"))  # Wan-AI layout, config.json beside
+    found = {"dit": folder if wan else folder / "transformer" if (folder / "transformer").is_dir() else None,
+             "text_encoder": next(iter(sorted(folder.glob("models_t5_umt5-xxl-enc-*.pth"))), None),
+             "tokenizer": next((p for p in (folder / "google" / "umt5-xxl" / "spiece.model", folder / "spiece.model",
+                                            folder / "tokenizer" / "spiece.model") if p.exists()), None)}
+    for name, path in found.items():
+        if getattr(args, name) is None and path is not None:
+            setattr(args, name, str(path))
+    if not any(found.values()):
+        raise ConvertUsageError(f"--hf-path {folder}: found no Wan DiT, UMT5 encoder or tokenizer in it; name the "
+                                "files with --dit, --text-encoder and --tokenizer")
+
+
+def check_args(args) -> None:
+    """Usage errors, before anything is read or written (exit 2)."""
+    if args.hf_path:
+        _from_hf_path(args)
+    if not (args.dit or args.text_encoder or args.decoder or args.vae or args.tokenizer or args.sampler):
+        raise ConvertUsageError("nothing to convert: give --hf-path, --dit, --text-encoder/--tokenizer, --decoder "
+                                "and/or --sampler")
     if args.text_encoder and not args.tokenizer:
-        raise ConversionError("--text-encoder needs --tokenizer (the spiece.model the encoder was trained with)")
+        raise ConvertUsageError("--text-encoder needs --tokenizer (the spiece.model the encoder was trained with)")
+    if getattr(args, "lora", None) and not args.dit:
+        raise ConvertUsageError("--lora is merged into the DiT: give --dit (the base checkpoint) too")
+    if args.q_bits not in VALID_BITS:
+        raise ConvertUsageError(f"--q-bits {args.q_bits} is not supported; choose one of {list(VALID_BITS)}")
+    if args.q_group_size not in VALID_GROUP_SIZES:
+        raise ConvertUsageError(f"--q-group-size {args.q_group_size} is not supported; choose one of "
+                                f"{list(VALID_GROUP_SIZES)}")
+    if args.quantize and not args.text_encoder:
+        raise ConvertUsageError("-q/--quantize quantizes the text encoder: give --text-encoder (and --tokenizer)")
+    out = Path(args.mlx_path)
+    parent = out if out.is_dir() else out.absolute().parent
+    if out.exists() and not out.is_dir():
+        raise ConvertUsageError(f"--mlx-path {out} exists and is not a folder")
+    if not parent.is_dir():
+        raise ConvertUsageError(f"--mlx-path {out}: the folder {parent} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK) or not os.access(out.absolute().parent, os.W_OK | os.X_OK):
+        raise ConvertUsageError(f"--mlx-path {out}: {out.absolute().parent} is not writable")
+
+
+def run(args) -> int:
+    check_args(args)
     out = Path(args.mlx_path)
     previous = out if out.exists() else None
     replace = []
@@ -72,18 +152,19 @@ def run(args) -> int:
         replace.append("spiece.model")
     if args.decoder:
         replace.append("decoder.safetensors")
+    if args.vae:
+        replace.append("vae.safetensors")
     with atomic_model_folder(out, replace=tuple(replace)) as tmp:
         config_dir = previous
         if args.dit:
             from .wan_dit import convert_dit
 
             section = convert_dit(args.dit, tmp, parse_dtype(args.dtype or "float32"), args.head_dim,
-                                  args.qk_norm, args.select, args.qk_norm_width)
+                                  args.qk_norm, args.select, args.qk_norm_width, lora=args.lora)
             update_config(tmp, config_dir, "dit", section)
             config_dir = tmp
-            n = section["parameters"]
-            size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
-            _say(f"DiT: {section['num_layers']} layers, {size} parameters ({section['source_layout']} layout)")
+            _say(f"DiT: {section['num_layers']} layers, {readable_count(section['parameters'])} parameters "
+                 f"({section['source_layout']} layout)")
         if args.text_encoder or args.tokenizer:
             from .umt5 import convert_text_encoder
 
@@ -98,10 +179,19 @@ def run(args) -> int:
             update_config(tmp, config_dir, "decoder", section)
             config_dir = tmp
             _say(f"decoder: {section.get('summary', 'done')}")
+        if args.vae:
+            from .wan_vae import convert_vae
+
+            section = convert_vae(args.vae, tmp, parse_dtype(args.dtype or "float32"))
+            update_config(tmp, config_dir, "vae", section)
+            config_dir = tmp
+            _say(f"vae: {section.get('summary', 'done')}")
         if args.sampler:
             from mlx_video.sampling import DEFAULTS
 
-            update_config(tmp, config_dir, "sampler", {"name": args.sampler, **DEFAULTS[args.sampler]})
+            section = (preset_section(args.sampler) if args.sampler in CAUSAL_PRESETS
+                       else {"name": args.sampler, **DEFAULTS[args.sampler]})
+            update_config(tmp, config_dir, "sampler", section)
             config_dir = tmp
         if config_dir is previous:  # nothing written (cannot happen after the checks above)
             raise ConversionError("nothing converted")

@@ -17,8 +17,8 @@ import mlx.core as mx
 from mlx_video.models.taehv import WEIGHTS_NAME, TAEHV, TAEHVConfig
 from mlx_video.utils import cast_floating, config_to_dict, dtype_name, parameter_count
 
-from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, open_checkpoint, parameter_shapes,
-                     save_safetensors, strip_common_prefix)
+from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, finite_floating, open_checkpoint,
+                     parameter_shapes, save_safetensors, strip_common_prefix)
 
 
 def conv_to_channels_last(w: mx.array) -> mx.array:
@@ -49,8 +49,8 @@ def infer_config(ckpt: Checkpoint) -> TAEHVConfig:
             raise ConversionError(f"{ckpt.source}: missing tensor {key!r}, needed to read the TAEHV "
                                   f"architecture{hint}")
         s = tuple(ckpt.shape(key))
-        if len(s) != 4:
-            raise ConversionError(f"{ckpt.source}: {key} has shape {s}; expected a 4-D conv weight")
+        if len(s) != 4 or min(s) < 1:
+            raise ConversionError(f"{ckpt.source}: {key} has shape {s}; expected a 4-D conv weight (no empty axis)")
         return s
 
     first = shape("decoder.1.weight")  # conv latent -> n_f[0]
@@ -108,13 +108,9 @@ def convert_decoder(source, out_dir: Path, dtype: mx.Dtype = mx.float16) -> dict
     weights = {}
     for target, (src, transform) in mapped.items():
         w = ckpt[src]
-        if not mx.issubdtype(w.dtype, mx.floating):
-            raise ConversionError(f"{source}: tensor {src!r} has dtype {w.dtype}; expected floating point")
         weights[target] = transform(w) if transform else w
     weights = cast_floating(weights, dtype)
-    bad = [k for k, v in weights.items() if not bool(mx.all(mx.isfinite(v)).item())]
-    if bad:
-        raise ConversionError(f"{source}: non-finite values in {bad[:5]} (after casting to {dtype_name(dtype)})")
+    finite_floating(weights, source, f" (after casting to {dtype_name(dtype)})")
     save_safetensors(out_dir / WEIGHTS_NAME, weights, {"source": source.name})
     n_dec = sum(v.size for k, v in weights.items() if k.startswith("decoder."))
     section = config_to_dict(config)

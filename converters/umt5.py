@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import struct
 import sys
 from pathlib import Path
@@ -32,10 +31,11 @@ import numpy as np
 
 from mlx_video.models.umt5 import (FP32_PARAMETERS, LINEAR_NAMES, TOKENIZER_NAME, WEIGHTS_NAME, UMT5Config,
                                    TensorRows, UMT5Encoder, _quantize_structure, is_quantized)
-from mlx_video.utils import CONFIG_NAME, config_to_dict
+from mlx_video.inputs import read_json
+from mlx_video.utils import CONFIG_NAME, config_from_dict, config_to_dict
 
-from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, open_checkpoint,
-                     parameter_shapes, side_config, strip_common_prefix)
+from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, conversion_errors, finite_floating,
+                     open_checkpoint, parameter_shapes, side_config, side_config_path, strip_common_prefix)
 
 VALID_BITS = (2, 3, 4, 5, 6, 8)
 VALID_GROUP_SIZES = (32, 64, 128)
@@ -136,7 +136,7 @@ def infer_config(shapes: dict[str, tuple], side: dict, source: str) -> UMT5Confi
     if layers != list(range(len(layers))):
         gaps = sorted(set(range(layers[-1] + 1)) - set(layers))
         raise ConversionError(f"{source}: transformer blocks are not numbered 0..N-1: blocks {gaps[:10]} are missing")
-    if side.get("num_layers") is not None and int(side["num_layers"]) != len(layers):
+    if side.get("num_layers") is not None and side["num_layers"] != len(layers):
         raise ConversionError(f"{source}: config.json says num_layers={side['num_layers']} but the checkpoint has "
                               f"{len(layers)} blocks (missing layers?)")
     act = side.get("dense_act_fn") or side.get("feed_forward_proj")
@@ -146,15 +146,17 @@ def infer_config(shapes: dict[str, tuple], side: dict, source: str) -> UMT5Confi
     vocab, dim = need("token_embedding.weight")
     buckets, heads = need("blocks.0.pos_embedding.weight")
     dim_attn = need("blocks.0.attn.q.weight")[0]
-    if dim_attn % heads:
+    if heads < 1 or dim_attn % heads:
         raise ConversionError(f"{source}: q has {dim_attn} rows, not a multiple of the {heads} heads of the "
                               f"position table")
-    return UMT5Config(
+    values = dict(
         vocab_size=int(vocab), dim=int(dim), dim_attn=int(dim_attn), dim_ffn=int(need("blocks.0.ffn.gate.weight")[0]),
         num_heads=int(heads), num_layers=len(layers), num_buckets=int(buckets),
-        max_distance=int(side.get("relative_attention_max_distance", 128)),
-        eps=float(side.get("layer_norm_epsilon", 1e-6)),
+        max_distance=side.get("relative_attention_max_distance", 128), eps=side.get("layer_norm_epsilon", 1e-6),
     )
+    where = f"{source}: encoder config inferred from its shapes" + (
+        f" and {side_config_path(Path(source))}" if side else "")
+    return config_from_dict(UMT5Config, values, where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,9 +277,7 @@ class CheckpointSource:
     def tensor(self, target: str) -> mx.array:
         src, transform = self.mapped[target]
         w = self.ckpt[src]
-        if not mx.issubdtype(w.dtype, mx.floating):
-            raise ConversionError(f"{self.ckpt.source}: {src} has dtype {w.dtype}; only float16/bfloat16/float32 "
-                                  f"checkpoints are supported (not fp8/int8 'scaled' files)")
+        finite_floating({src: w}, self.ckpt.source)
         return transform(w) if transform else w
 
     def rows(self, target: str, start: int, stop: int) -> mx.array:
@@ -287,9 +287,7 @@ class CheckpointSource:
         if src not in self._rows:
             self._rows[src] = _row_reader(self.ckpt, src)
         out = self._rows[src](start, stop)
-        if not mx.issubdtype(out.dtype, mx.floating):
-            raise ConversionError(f"{self.ckpt.source}: {src} has dtype {out.dtype}; only float checkpoints "
-                                  "are supported")
+        finite_floating({f"{src}[{start}:{stop}]": out}, self.ckpt.source)
         return out
 
 
@@ -488,7 +486,7 @@ def convert_text_encoder(source, tokenizer, out_dir: Path, args) -> dict:
                                                     bool(getattr(args, "q_embedding", False)), config)
     facts = write_text_encoder(CheckpointSource(ckpt, mapped), config, out_dir, dtype,
                                {"source_layout": layout}, progress=config.num_layers >= 8)
-    shutil.copyfile(tok.path, out_dir / TOKENIZER_NAME)
+    (out_dir / TOKENIZER_NAME).write_bytes(tok.model_bytes)
     params = sum(int(np.prod(s)) for s in parameter_shapes(UMT5Encoder(config)).values())
     section = config_to_dict(config)
     section.update(weights_file=WEIGHTS_NAME, dtype=dtype, source_layout=layout, parameters=params,
@@ -513,12 +511,14 @@ def _tokenizer_only(tok, out_dir: Path, args) -> dict:
     previous = {}
     mlx_path = getattr(args, "mlx_path", None)
     if mlx_path and (Path(mlx_path) / CONFIG_NAME).exists():
-        previous = json.loads((Path(mlx_path) / CONFIG_NAME).read_text()).get("text_encoder", {}) or {}
+        with conversion_errors():  # only this section matters (and is validated by config_from_dict below)
+            previous = read_json(Path(mlx_path) / CONFIG_NAME, "model config").get("text_encoder") or {}
+        if not isinstance(previous, dict):
+            raise ConversionError(f"{Path(mlx_path) / CONFIG_NAME}: section 'text_encoder' must be a JSON object")
     if previous.get("weights_file"):
-        from mlx_video.utils import config_from_dict
-
-        check_vocab(config_from_dict(UMT5Config, previous), tok.vocab_size, str(mlx_path))
-    shutil.copyfile(tok.path, out_dir / TOKENIZER_NAME)
+        check_vocab(config_from_dict(UMT5Config, previous, f"{Path(mlx_path) / CONFIG_NAME}: text_encoder"),
+                    tok.vocab_size, str(mlx_path))
+    (out_dir / TOKENIZER_NAME).write_bytes(tok.model_bytes)
     section = dict(previous)
     section.update(_tokenizer_fields(tok))
     section["summary"] = f"tokenizer {TOKENIZER_NAME} ({tok.vocab_size} pieces)" + (

@@ -6,7 +6,8 @@ BLAS loaded with ``RTLD_GLOBAL`` *before* the first ``import mlx`` takes over (~
 The results are the same matmuls computed by a faster library (float rounding may differ in the last
 ulps, as between any two BLAS builds).
 
-Search order: ``$MLX_VIDEO_BLAS`` (a path, or ``none`` to disable), MKL from the ``mkl`` pip package
+Search order: ``$MLX_VIDEO_BLAS`` (a path, or ``none`` to disable; a path that does not exist or
+cannot be loaded is named in the warning), MKL from the ``mkl`` pip package
 (a dependency of mlx-video on Linux x86_64), then system OpenBLAS/BLIS (Debian ``libopenblas0-pthread``).
 """
 
@@ -60,6 +61,9 @@ def ensure_fast_blas() -> dict:
         return STATE
     candidates = [requested] if requested else _mkl_candidates() + _SYSTEM_CANDIDATES
     errors = []
+    if requested and not os.path.isfile(requested):
+        why = "is not a file" if os.path.exists(requested) else "does not exist"
+        errors.append(f"MLX_VIDEO_BLAS={requested}: that path {why}")
     for path in candidates:
         if not os.path.exists(path):
             continue
@@ -75,9 +79,9 @@ def ensure_fast_blas() -> dict:
         return STATE
     STATE.update(reason="no optimized BLAS found" + (f" ({'; '.join(errors)})" if errors else ""))
     warnings.warn(
-        "mlx-video: no optimized BLAS found, so MLX uses its bundled reference BLAS and CPU matmuls run "
-        "~50-100x slower. Install one with `pip install mkl` (x86_64) or `apt-get install "
-        "libopenblas0-pthread`, or point MLX_VIDEO_BLAS at a BLAS shared library.",
+        "mlx-video: " + (f"{'; '.join(errors)}: " if errors else "") + "no optimized BLAS found, so MLX uses its "
+        "bundled reference BLAS and CPU matmuls run ~50-100x slower. Install one with `pip install mkl` (x86_64) "
+        "or `apt-get install libopenblas0-pthread`, or point MLX_VIDEO_BLAS at a BLAS shared library.",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -59,8 +59,9 @@ def _train_tokenizer(path: Path) -> None:
 
 
 def build_demo_model(mlx_path, seed: int = 0) -> Path:
-    from converters.common import atomic_model_folder, save_safetensors, update_config
+    from converters.common import save_safetensors, update_config
 
+    from .fsio import atomic_model_folder
     from .tokenizer import load_tokenizer
 
     with atomic_model_folder(mlx_path, replace=("dit.safetensors", "text_encoder.safetensors", "spiece.model",
@@ -116,6 +117,6 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     path = build_demo_model(args.mlx_path, args.seed)
-    print(f"wrote {path} (random weights); try: mlx-video generate --model {path} --prompt \"a red fox\"",
-          file=sys.stderr)
+    print(f"wrote {path}: a tiny model with random weights, so its videos are moving coloured noise by design (it "
+          f"shows the pipeline works). Try: mlx-video generate --model {path} --prompt \"a red fox\"", file=sys.stderr)
     return 0

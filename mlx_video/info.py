@@ -7,8 +7,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from converters.common import read_safetensors_header
-
+from .safetensors_io import read_safetensors_header
 from .utils import read_config, resolve_model_path
 
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1,
@@ -39,13 +38,17 @@ def describe(folder) -> dict:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("info", help="describe a converted model folder",
                               description="Print each component's config, tensor count and bytes per dtype.")
-    p.add_argument("model", help="model folder or Hugging Face repo id (from the local cache)")
+    from .cli import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    report = describe(resolve_model_path(args.model))
+    from .cli import model_argument
+
+    report = describe(resolve_model_path(model_argument(args)))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

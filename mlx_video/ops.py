@@ -42,23 +42,50 @@ def attention_chunk_size(batch: int, heads: int, kv_len: int, budget_bytes: int 
     return max(1, int(budget_bytes // max(per_row, 1)))
 
 
+# Per-thread scratch of the native flash attention: a 128 x 512 score block and a 128-row accumulator
+# (head_dim <= 256), fp32 (native/src/kernels.cpp kQueryBlock, kKeyBlock).
+_NATIVE_ATTENTION_SCRATCH = (128 * 512 + 128 * 256) * 4
+
+
+def native_attention_used(dtype: mx.Dtype = mx.float32, fused: bool | None = None, native: bool | None = None) -> bool:
+    """Whether :func:`attention` takes the native flash-attention kernel for these arguments."""
+    if native is False or fused is not None or dtype != mx.float32:
+        return False
+    from . import native as native_kernels
+
+    return native_kernels.enabled() and not fused_attention_available()
+
+
 def attention_peak_bytes(batch: int, heads: int, q_len: int, kv_len: int,
-                         budget_bytes: int = DEFAULT_ATTENTION_BUDGET, itemsize: int = 4) -> int:
-    """Predicted score working set of :func:`attention` (for memory planning); ~0 where SDPA is fused."""
+                         budget_bytes: int = DEFAULT_ATTENTION_BUDGET, itemsize: int = 4,
+                         native: bool | None = None) -> int:
+    """Predicted score working set of :func:`attention` (for memory planning): ~0 where SDPA is fused,
+    a few blocks per thread for the native kernel, else the query-chunked score buffers."""
     if fused_attention_available():
         return 0
+    if native_attention_used(mx.float32 if itemsize == 4 else mx.float16, native=native):
+        from . import native as native_kernels
+
+        return native_kernels.kernels().num_threads() * _NATIVE_ATTENTION_SCRATCH
     chunk = min(q_len, attention_chunk_size(batch, heads, kv_len, budget_bytes, itemsize))
     return batch * heads * chunk * kv_len * itemsize * _score_temporaries()
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-              budget_bytes: int = DEFAULT_ATTENTION_BUDGET, fused: bool | None = None) -> mx.array:
+              budget_bytes: int = DEFAULT_ATTENTION_BUDGET, fused: bool | None = None,
+              native: bool | None = None) -> mx.array:
     """Softmax attention over ``[B, H, L, D]`` inputs, no mask.
 
-    Fused SDPA where the backend has it; elsewhere queries are processed in chunks whose score matrix
-    fits ``budget_bytes``, with the softmax in fp32. Chunks are evaluated one by one so that the bound
-    holds for the whole call, not just per graph node.
+    Fused SDPA where the backend has it; on the CPU in fp32 the native flash-attention kernel
+    (:mod:`mlx_video.native`: no score matrix at all) unless ``native=False`` or ``fused`` is given;
+    elsewhere queries are processed in chunks whose score matrix fits ``budget_bytes``, with the softmax
+    in fp32. Chunks are evaluated one by one so that the bound holds for the whole call, not just per
+    graph node.
     """
+    if native_attention_used(q.dtype, fused, native) and k.dtype == v.dtype == mx.float32:
+        from . import native as native_kernels
+
+        return native_kernels.kernels().flash_attention(q, k, v, scale)
     if fused is None:
         fused = fused_attention_available()
     if fused:
@@ -178,11 +205,23 @@ def _gelu_tanh_rows(a: np.ndarray) -> None:
     a *= t
 
 
+def _native_cpu_fp32(*arrays: mx.array):
+    """The native kernels module when all ``arrays`` are fp32 and the native CPU path is on, else None."""
+    from . import native as native_kernels
+
+    if native_kernels.enabled() and all(a.dtype == mx.float32 for a in arrays):
+        return native_kernels.kernels()
+    return None
+
+
 def gelu_tanh_fresh(x: mx.array) -> mx.array:
     """``gelu_tanh`` for an array the caller has just computed and owns: on the CPU it is overwritten in
-    place by NumPy on all cores (~5x faster than MLX's single-threaded elementwise kernels)."""
+    place on all cores (native kernel, else NumPy; ~5x faster than MLX's single-threaded elementwise
+    kernels)."""
     if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
         return gelu_tanh(x)
+    if (kernels := _native_cpu_fp32(x)) is not None:
+        return kernels.gelu_tanh(x)
     view = _owned_numpy_view(x)
     if view is None:
         return gelu_tanh(x)
@@ -205,6 +244,12 @@ def _norm_rows(src: np.ndarray, dst: np.ndarray, mul: np.ndarray, add: np.ndarra
         d += add
 
 
+def _per_batch_rows(a: mx.array, x: mx.array) -> bool:
+    """``a`` is ``[D]`` or ``[1 | B, 1, D]`` for ``x [B, L, D]`` (the native kernel's broadcasting)."""
+    d = x.shape[-1]
+    return a.shape == (d,) or (a.ndim == 3 and a.shape[1:] == (1, d) and a.shape[0] in (1, x.shape[0]))
+
+
 def modulated_layer_norm(x: mx.array, mul: mx.array, add: mx.array, eps: float) -> mx.array:
     """``LayerNorm(x) * mul + add`` with fp32 statistics; ``mul``/``add`` are ``[B, 1, D]`` (adaLN: 1 + scale,
     shift) or ``[D]`` (affine weight, bias). On the CPU one NumPy pass per row block on all cores replaces
@@ -213,6 +258,8 @@ def modulated_layer_norm(x: mx.array, mul: mx.array, add: mx.array, eps: float) 
     mul, add = mul.astype(mx.float32), add.astype(mx.float32)
     if mx.default_device() != mx.cpu or x.ndim != 3:
         return mx.fast.layer_norm(x, None, None, eps) * mul + add
+    if (kernels := _native_cpu_fp32(x)) is not None and _per_batch_rows(mul, x) and _per_batch_rows(add, x):
+        return kernels.modulated_layer_norm(x, mul, add, eps)
     b, _, d = x.shape
     mul, add = mx.broadcast_to(mul, (b, 1, d)), mx.broadcast_to(add, (b, 1, d))
     mx.eval(x, mul, add)
@@ -221,3 +268,26 @@ def modulated_layer_norm(x: mx.array, mul: mx.array, add: mx.array, eps: float) 
     for i in range(b):
         _rows_parallel(lambda s, d: _norm_rows(s, d, m[i], a[i], eps), src[i], out[i])
     return mx.array(out)
+
+
+def native_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array | None:
+    """Wan's interleaved-pair RoPE on ``x [B, L, H, D]`` with ``cos``/``sin`` holding ``[L, D/2]`` values, by
+    the native kernel (one threaded pass instead of MLX's single-threaded split/multiply/stack), or None
+    where that path is off or the shapes are not the kernel's."""
+    b, l, h, d = x.shape
+    if (kernels := _native_cpu_fp32(cos, sin)) is None or cos.size != l * (d // 2) or sin.size != cos.size:
+        return None
+    return kernels.rope(x, cos, sin)
+
+
+def native_conv3x3(xs: list[mx.array], w: mx.array, bias: mx.array | None = None,
+                   relu: bool = False) -> mx.array | None:
+    """``conv3x3(concatenate(xs, -1), w) + bias`` (then ReLU) for ``x_i [N, H, W, C_i]``, ``w [O, 3, 3, C]``
+    (inputs with fewer channels than ``w`` in total: the rest are zeros), padding 1, by the native kernel
+    (threaded row blocks, no concatenation, no im2col buffer, bias and ReLU fused), or None where that
+    path is off. Its per-thread row blocks (<= ~1.5 MiB each) come from malloc, not MLX's allocator, so
+    ``mx.get_peak_memory`` (and the decoder's memory predictor) leave them out."""
+    arrays = [*xs, w] + ([] if bias is None else [bias])
+    if (kernels := _native_cpu_fp32(*arrays)) is None:
+        return None
+    return kernels.conv3x3(xs, w, bias, relu)

@@ -55,6 +55,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import fsio
+from .fsio import OutputRefused
 from .models import wan_dit
 from .models.wan_dit import FP32_PARAMETERS, WEIGHTS_NAME, WanDiT, WanDiTConfig
 from .utils import (CONFIG_NAME, DTYPES, ModelFolderError, cast_floating, config_from_dict, config_section,
@@ -491,7 +493,7 @@ def save_torch_state_dict(path, weights: dict, config: WanDiTConfig, metadata: d
     """Write ``wan_state_dict(weights)``: ``.safetensors`` (no torch needed) or ``torch.save`` for .pt/.pth/.bin."""
     path = Path(path)
     state = wan_state_dict(weights, config)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")  # MLX appends a missing .safetensors
+    tmp = fsio.make_temp_file(path)  # keeps the suffix: MLX appends a missing .safetensors
     try:
         if path.suffix == ".safetensors":
             mx.save_safetensors(str(tmp), {k: mx.contiguous(v) for k, v in state.items()},
@@ -507,9 +509,9 @@ def save_torch_state_dict(path, weights: dict, config: WanDiTConfig, metadata: d
                     tensors[k] = torch.from_numpy(np.ascontiguousarray(np.asarray(v)))
             with open(tmp, "wb") as f:
                 torch.save(tensors, f)
-        tmp.replace(path)
+        fsio.publish_file(tmp, path, fsio.kind_for_suffix(path))
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fsio.discard(tmp)
         raise
 
 
@@ -620,20 +622,20 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(mlx_path)
-    if out.exists():
-        raise ValueError(f"{out} already exists; choose a new --mlx-path or remove it")
+    if os.path.lexists(out):  # a pruned model is always a new folder: never replace anything
+        raise OutputRefused(f"{out} already exists; choose a new --mlx-path or remove it")
+    fsio.check_parent(out, create=True)
     if torch_out is not None:
         torch_out = Path(torch_out)
         if torch_out.suffix not in TORCH_SUFFIXES:
             raise ValueError(f"--torch-out {torch_out}: use one of {', '.join(TORCH_SUFFIXES)}")
-        if torch_out.exists():
-            raise ValueError(f"--torch-out {torch_out} already exists; choose a new path or remove it")
-        if not torch_out.absolute().parent.is_dir():
-            raise FileNotFoundError(f"--torch-out folder {torch_out.absolute().parent} does not exist")
+        if os.path.lexists(torch_out):
+            raise OutputRefused(f"--torch-out {torch_out} already exists; choose a new path or remove it")
+        fsio.check_parent(torch_out)
     weights_path = folder / section.get("weights_file", WEIGHTS_NAME)
     if not weights_path.is_file():
         raise ModelFolderError(f"{folder} has no DiT weights ({weights_path.name})")
-    from converters.common import read_safetensors_header
+    from .safetensors_io import read_safetensors_header
 
     header = read_safetensors_header(weights_path)
     if any(k.endswith(".scales") for k in header):
@@ -719,7 +721,9 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
                        pruned={"method": method, "report": REPORT_NAME, "source": str(folder),
                                "qk_norm": new_config.qk_norm})
 
-    from converters.common import atomic_model_folder, link_or_copy, save_safetensors
+    from converters.common import save_safetensors
+
+    from .fsio import atomic_model_folder, link_or_copy
 
     t0 = time.perf_counter()
     with atomic_model_folder(out) as tmp:
@@ -742,7 +746,9 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
         report["memory"] = {"peak_rss_bytes": max_rss_bytes(), "mlx_peak_bytes": int(mx.get_peak_memory())}
         (tmp / REPORT_NAME).write_text(json.dumps(report) + "\n")
     if progress:
-        _say(f"pruned {params_before / 1e9:.4f}B -> {params_after / 1e9:.4f}B parameters ({method}, qk_norm "
+        from .utils import readable_count
+
+        _say(f"pruned {readable_count(params_before)} -> {readable_count(params_after)} parameters ({method}, qk_norm "
              f"{new_config.qk_norm}) in {timing['total_s']:.1f} s; wrote {out}"
              + (f" and {torch_out}" if torch_out else ""))
     return report
@@ -798,7 +804,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args) -> None:
+    """Flag values that are wrong whatever the model: a usage error (exit 2) before anything is read."""
+    from .utils import UsageError
+
+    for flag, value in (("--heads", args.heads), ("--cross-heads", args.cross_heads), ("--ffn-dim", args.ffn_dim),
+                        ("--samples", args.samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if not all(math.isfinite(t) and 0 <= t <= 1000 for t in args.timesteps):
+        raise UsageError(f"--timesteps must be in [0, 1000], got {args.timesteps}")
+    if any(n < 1 for n in args.latent_shape):
+        raise UsageError(f"--latent-shape must be 3 positive sizes, got {tuple(args.latent_shape)}")
+    for flag, value in (("--calibration", args.calibration), ("--calibration-embeddings", args.calibration_embeddings)):
+        if value is not None and not Path(value).is_file():
+            raise UsageError(f"{flag} {value}: no such file")
+    parent = Path(args.mlx_path).absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"--mlx-path {args.mlx_path}: the folder {parent} does not exist")
+
+
 def run(args) -> int:
+    check_args(args)
     prune(args.model, args.mlx_path, heads=args.heads, cross_heads=args.cross_heads, ffn_dim=args.ffn_dim,
           method=args.method, calibration=args.calibration, calibration_embeddings=args.calibration_embeddings,
           synthetic_text=args.synthetic_text, timesteps=args.timesteps, samples=args.samples,

@@ -54,6 +54,14 @@ class SamplerConfig:
     guidance: float = 1.0  # <= 1: no classifier-free guidance (one forward per step)
     denoising_step_list: list[float] = field(default_factory=lambda: [1000, 750, 500, 250])  # fewstep only
     warp: bool = True  # fewstep only: warp the list through the shifted table (Self-Forcing)
+    # fewstep only, for checkpoints whose schedule is not a table lookup (converters/presets.py):
+    sigmas: list[float] | None = None  # explicit sigma per step (rCM's TrigFlow); the DiT gets t = 1000 sigma
+    timestep_dtype: str = "float32"  # "bfloat16": round the DiT's timesteps to bf16, as rCM feeds them
+    noise_scale: float = 1.0  # the initial latent is noise_scale * noise (rCM: its first sigma)
+    stochastic: bool = True  # False: deterministic Euler between steps, x + (sigma' - sigma) v (LightX2V)
+    # Ranges checked when read from a file (utils.config_values); not a dataclass field.
+    LIMITS = {"steps": (1, 1000), "shift": (1e-3, 1e3), "guidance": (0.0, 100.0),
+              "denoising_step_list": (0, NUM_TRAIN_TIMESTEPS), "sigmas": (0.0, 1.0), "noise_scale": (1e-3, 10.0)}
 
     def __post_init__(self):
         if self.name not in SAMPLERS:
@@ -70,11 +78,20 @@ class SamplerConfig:
             raise ValueError(f"denoising_step_list must be strictly decreasing values in (0, 1000] (a trailing 0 "
                              f"is allowed), got {list(self.denoising_step_list)}")
         if self.name == "fewstep" and self.steps is not None and self.steps != len(steps):
-            # An explicit step count replaces the list by an evenly spaced one (Self-Forcing style).
+            # An explicit step count replaces the list by an evenly spaced one, cast to integers before warping
+            # as Self-Forcing/CausVid lists are (3 steps: 1000, 666, 333; truncation, like torch's .long()).
             if self.steps < 1:
                 raise ValueError(f"steps must be >= 1, got {self.steps}")
-            steps = [NUM_TRAIN_TIMESTEPS * (self.steps - k) / self.steps for k in range(self.steps)]
+            steps = [NUM_TRAIN_TIMESTEPS * (self.steps - k) // self.steps for k in range(self.steps)]
         self.denoising_step_list = steps
+        if self.timestep_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"timestep_dtype must be 'float32' or 'bfloat16', got {self.timestep_dtype!r}")
+        if self.sigmas is not None:
+            if not self.sigmas or any(not 0 < s <= 1 for s in self.sigmas) or any(
+                    a <= b for a, b in zip(self.sigmas, self.sigmas[1:])):
+                raise ValueError(f"sigmas must be strictly decreasing values in (0, 1], got {self.sigmas}")
+            self.sigmas = [float(s) for s in self.sigmas]
+            steps = self.denoising_step_list = [NUM_TRAIN_TIMESTEPS * s for s in self.sigmas]
         if self.name == "fewstep":
             self.steps = len(steps)
         elif self.steps is None or self.steps < 1:
@@ -85,13 +102,23 @@ class SamplerConfig:
         return self.guidance > 1.0
 
 
-def sampler_config(section: dict | None = None, **overrides) -> SamplerConfig:
+def sampler_config(section: dict | None = None, where: str | None = None, **overrides) -> SamplerConfig:
     """Build a config: per-sampler defaults <- the model folder's ``sampler`` section <- CLI overrides.
 
     ``None`` overrides are ignored (pass argparse values straight through). When an override switches to
     a different sampler than the section names, the section is ignored: its values (e.g. guidance 1 for a
-    distilled model) belong to the sampler it describes. Unknown section keys are ignored.
+    distilled model) belong to the sampler it describes. Unknown section keys are ignored. With ``where``
+    (the file the section came from), the section's values are type- and range-checked and any failure is
+    a ``ModelFolderError`` naming ``where`` and the field.
     """
+    if where is not None:
+        from .utils import ModelFolderError, config_values
+
+        config_values(SamplerConfig, section if section is not None else {}, where)
+        try:
+            return sampler_config(section, **overrides)
+        except ValueError as exc:
+            raise ModelFolderError(f"{where}: {exc}") from None
     section = dict(section or {})
     overrides = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(overrides) - {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -160,6 +187,9 @@ class Schedule:
 
 
 def schedule(config: SamplerConfig) -> Schedule:
+    if config.name == "fewstep" and config.sigmas is not None:
+        timesteps = [_timestep(NUM_TRAIN_TIMESTEPS * s, config.timestep_dtype) for s in config.sigmas]
+        return Schedule(timesteps, np.array(list(config.sigmas) + [0.0], dtype=np.float64))
     if config.name == "fewstep":
         table_sigmas, table_t = flow_match_table(config.shift)
         steps = np.asarray(config.denoising_step_list, dtype=np.float64)
@@ -172,10 +202,17 @@ def schedule(config: SamplerConfig) -> Schedule:
         else:
             timesteps = [float(t) for t in steps]
         lookup = [int(np.argmin(np.abs(table_t.astype(np.float64) - t))) for t in timesteps]
+        timesteps = [_timestep(t, config.timestep_dtype) for t in timesteps]
         sigmas = np.array([float(table_sigmas[k]) for k in lookup] + [0.0], dtype=np.float64)
         return Schedule(timesteps, sigmas)
     timesteps, sigmas = wan_unipc_sigmas(config.steps, config.shift)
     return Schedule(timesteps, sigmas)
+
+
+def _timestep(t: float, dtype: str) -> float:
+    """``t`` as the DiT receives it: float32, or rounded to bfloat16 (round to nearest even, as torch)."""
+    return float(mx.array(t, dtype=mx.float32).astype(mx.bfloat16).astype(mx.float32).item()) \
+        if dtype == "bfloat16" else float(t)
 
 
 def sampler_timesteps(name: str = "fewstep", steps: int | None = None, shift: float | None = None,
@@ -310,6 +347,8 @@ def sample(config: SamplerConfig | str, velocity: Velocity, noise: mx.array, *,
     sched = schedule(config)
     n = len(sched.timesteps)
     x = noise.astype(mx.float32)
+    if config.noise_scale != 1.0:
+        x = config.noise_scale * x
 
     def guided(x, t):
         v = velocity(x, t).astype(mx.float32)
@@ -320,20 +359,23 @@ def sample(config: SamplerConfig | str, velocity: Velocity, noise: mx.array, *,
 
     if config.name == "fewstep":
         draw = _renoise_fn(key, renoise, n)
-        if draw is None and n > 1:
+        if draw is None and n > 1 and config.stochastic:
             raise ValueError("the few-step sampler re-noises between steps: pass key (a seed) or renoise")
-        return _fewstep(x, guided, sched, draw, progress)
+        return _fewstep(x, guided, sched, draw, progress, config.stochastic)
     if config.name == "euler":
         return _euler(x, guided, sched, progress)
     return _unipc(x, guided, sched, progress)
 
 
-def _fewstep(x, guided, sched: Schedule, draw, progress):
+def _fewstep(x, guided, sched: Schedule, draw, progress, stochastic: bool = True):
     n = len(sched.timesteps)
     for i, t in enumerate(sched.timesteps):
         sigma = sched.sigmas[i]
-        x0 = x - float(sigma) * guided(x, t)
-        if i < n - 1:
+        v = guided(x, t)
+        x0 = x - float(sigma) * v
+        if i < n - 1 and not stochastic:
+            x = x + float(sched.sigmas[i + 1] - sigma) * v
+        elif i < n - 1:
             eps = draw(tuple(x.shape), i + 1)
             eps = eps.astype(mx.float32) if isinstance(eps, mx.array) else mx.array(np.asarray(eps, np.float32))
             sigma_next = float(sched.sigmas[i + 1])

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 CACHE_VERSION = "1"
+MAX_HEADER_BYTES = 4096  # our entries' headers are ~150 bytes
 
 
 class EmbeddingCache:
@@ -38,12 +40,17 @@ class EmbeddingCache:
     def get(self, key: str, n_tokens: int, dim: int) -> mx.array | None:
         """The cached ``[n_tokens, dim]`` fp32 rows, or None (missing or unusable file, which is removed)."""
         path = self.path(key)
-        if not path.exists():
+        try:
+            info = path.lstat()
+        except OSError:
             self.misses += 1
             return None
         try:
             from safetensors import safe_open
 
+            # Only a plain file of plausible size: a FIFO would block the reader, a symlink or device is not ours.
+            if not stat.S_ISREG(info.st_mode) or info.st_size > 64 + 4 * n_tokens * dim + MAX_HEADER_BYTES:
+                raise ValueError("not a cache entry")
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
                 rows = f.get_tensor("embedding")
@@ -52,7 +59,10 @@ class EmbeddingCache:
         except Exception:  # noqa: BLE001 - any unreadable file is a miss
             ok = False
         if not ok:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a folder in its place: leave it, just never read it
+                pass
             self.misses += 1
             return None
         self.hits += 1

@@ -48,7 +48,12 @@ def clean(text: str) -> str:
 def _load_processor(path: Path):
     import sentencepiece as spm
 
-    data = path.read_bytes()
+    from .inputs import MAX_TOKENIZER_BYTES, InputError, read_bytes
+
+    try:
+        data = read_bytes(path, "tokenizer", MAX_TOKENIZER_BYTES)
+    except InputError as exc:
+        raise TokenizerError(str(exc)) from None
     sp = spm.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(data)
@@ -72,13 +77,14 @@ def find_tokenizer_file(path: str | os.PathLike) -> Path:
         raise TokenizerError(f"{path}: no {TOKENIZER_NAME} in this folder{hint}")
     if not path.exists():
         raise TokenizerError(f"{path}: no such tokenizer file")
-    return path
+    return path  # its kind (regular file) and size are checked when it is read
 
 
 class Tokenizer:
     def __init__(self, model_file: str | os.PathLike, max_length: int = TEXT_LEN):
         self.path = find_tokenizer_file(model_file)
         self.sp, data = _load_processor(self.path)
+        self.model_bytes = data  # what was checked and hashed: copied as is (the file may change meanwhile)
         self.fingerprint = hashlib.sha256(data).hexdigest()
         self.max_length = int(max_length)
         self.pad_id, self.eos_id = PAD_ID, EOS_ID
@@ -112,9 +118,9 @@ def load_tokenizer(folder: str | os.PathLike, max_length: int | None = None) -> 
     """
     folder = Path(folder)
     if folder.is_dir() and (folder / "config.json").exists():
-        from .utils import read_config
+        from .utils import model_file, read_config
 
-        section = read_config(folder).get("text_encoder", {})
-        name = section.get("tokenizer_file", TOKENIZER_NAME)
-        return Tokenizer(folder / name, max_length or int(section.get("text_len", TEXT_LEN)))
+        section = read_config(folder).get("text_encoder", {})  # validated: text_len in range, names inside
+        return Tokenizer(model_file(folder, section, "tokenizer_file", TOKENIZER_NAME),
+                         max_length or section.get("text_len", TEXT_LEN))
     return Tokenizer(folder, max_length or TEXT_LEN)

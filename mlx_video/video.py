@@ -1,10 +1,12 @@
 """Video output: incremental MP4 (H.264) / GIF / PNG-folder writing with fail-closed health checks.
 
 Nothing broken is ever left at the target path: frames go to a hidden temporary file next to the target
-(same filesystem) that is renamed over the target only when ``close()`` succeeds. A non-finite frame, an
-all-black or constant video, no frames at all, or an exception inside ``with VideoWriter(...)`` removes
-the temporary file. Health failures raise ``GenerationFailed``; the caller records it next to the intended
-output with ``write_failure_report`` (``<output>.failure.json``).
+(same filesystem) that is renamed over the target only when ``close()`` succeeds and the finished file
+checks out (ffmpeg's exit status, a valid header, every frame there). A non-finite frame, an all-black or
+constant video, no frames at all, a failed write (disk full, ``ulimit -f``) or an exception inside
+``with VideoWriter(...)`` removes the temporary file. Existing targets are replaced only if mlx-video
+could have written them (``fsio``). Health failures raise ``GenerationFailed``; the caller records it next
+to the intended output with ``write_failure_report`` (``<output>.failure.json``).
 
 Frames are ``[H, W, 3]`` or ``[N, H, W, 3]`` mx/np arrays, floats in [0, 1] (clipped) or uint8.
 """
@@ -12,14 +14,20 @@ Frames are ``[H, W, 3]`` or ``[N, H, W, 3]`` mx/np arrays, floats in [0, 1] (cli
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
+import re
+import signal
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from . import fsio
+from .utils import UsageError
 
 DEFAULT_FPS = 16
 DEFAULT_CRF = 18  # H.264 constant rate factor: 0 lossless .. 51 worst; 18 is visually near-lossless
@@ -90,17 +98,18 @@ def _json_default(o):
     return str(o)
 
 
+def failure_report_path(output_path) -> Path:
+    return Path(str(output_path) + ".failure.json")
+
+
 def write_failure_report(output_path, reason: str, details: dict | None = None) -> Path:
     """Write ``<output_path>.failure.json`` (reason, details, time) atomically; returns its path."""
     output_path = Path(output_path)
-    report = Path(str(output_path) + ".failure.json")
+    report = failure_report_path(output_path)
     report.parent.mkdir(parents=True, exist_ok=True)
     payload = {"output": str(output_path), "reason": reason, "details": dict(details or {}),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = report.with_name(f".{report.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, report)
-    return report
+    return fsio.write_file(report, json.dumps(payload, indent=2, default=_json_default) + "\n", "json")
 
 
 @dataclass
@@ -150,7 +159,7 @@ def _frames_float(frames) -> np.ndarray:
 def _format_for(path: Path, format: str | None) -> str:
     if format is not None:
         if format not in FORMATS:
-            raise ValueError(f"unknown video format {format!r}; choose one of {', '.join(FORMATS)}")
+            raise UsageError(f"unknown video format {format!r}; choose one of {', '.join(FORMATS)}")
         return format
     suffix = path.suffix.lower()
     if suffix in (".mp4", ".m4v", ".mov"):
@@ -159,7 +168,7 @@ def _format_for(path: Path, format: str | None) -> str:
         return "gif"
     if suffix == "":
         return "png"  # a folder of frame_00000.png ...
-    raise ValueError(f"cannot tell the video format of {path} (use .mp4, .gif, or a folder name for PNG frames)")
+    raise UsageError(f"cannot tell the video format of {path} (use .mp4, .gif, or a folder name for PNG frames)")
 
 
 class VideoWriter:
@@ -168,32 +177,38 @@ class VideoWriter:
     >>> with VideoWriter("out.mp4", fps=16) as w:
     ...     w.write(frames)            # [H, W, 3] or [N, H, W, 3], floats in [0, 1]
 
-    ``format``: "mp4" (H.264, yuv420p, ``crf``), "gif" or "png" (a folder of numbered frames); default
-    from the suffix. ``check_health=False`` disables the black/constant check (NaN is always an error).
+    ``format``: "mp4" (H.264, yuv420p, ``crf``), "gif" or "png" (a folder of numbered frames plus a
+    ``.mlx-video-frames`` manifest); default from the suffix. ``check_health=False`` disables the
+    black/constant check (NaN is always an error). An existing target is replaced only if mlx-video could
+    have written it (``fsio``: a regular MP4/GIF file, or a frames folder with our manifest); anything else
+    raises ``fsio.OutputRefused`` here, before any frame. ``close()`` = ``finish()`` (encode and verify:
+    ffmpeg's exit status, the file's header and frame count) + ``publish()`` (the rename); a failed write
+    raises ``fsio.OutputError`` and leaves no file.
     """
 
     def __init__(self, path, fps: float = DEFAULT_FPS, crf: int = DEFAULT_CRF, format: str | None = None,
                  check_health: bool = True, preset: str = "medium"):
         self.path = Path(path)
         self.format = _format_for(self.path, format)
-        if fps <= 0:
-            raise ValueError(f"fps must be > 0, got {fps}")
+        if not fps > 0 or not math.isfinite(fps):
+            raise ValueError(f"fps must be a positive number, got {fps}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {crf}")
         self.fps, self.crf, self.preset, self.check_health = fps, int(crf), preset, check_health
         self.stats = FrameStats()
         self.size: tuple[int, int] | None = None  # (width, height)
-        self._gen = None  # imageio-ffmpeg writer generator (mp4)
+        self._proc: subprocess.Popen | None = None  # ffmpeg (mp4)
+        self._stderr = None
         self._gif_frames: list[np.ndarray] = []
-        self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{self.path.name}.partial-"
-        if self.format == "png":
-            self._tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
-        else:
-            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=self.path.suffix or f".{self.format}", dir=self.path.parent)
-            os.close(fd)
-            self._tmp = Path(tmp)
+        self._closed = self._finished = False
+        self._tmp: Path | None = None
+        check_output(self.path, self.format, create_parents=True)
+        try:
+            self._tmp = fsio.make_temp_folder(self.path) if self.format == "png" else fsio.make_temp_file(self.path)
+        except BaseException:
+            self._closed = True
+            raise
+        fsio.acquire_signal_guard()
 
     # -- context manager -------------------------------------------------------------------------------
     def __enter__(self) -> "VideoWriter":
@@ -209,7 +224,7 @@ class VideoWriter:
     # -- writing ----------------------------------------------------------------------------------------
     def write(self, frames) -> None:
         """Append one frame ``[H, W, 3]`` or a batch ``[N, H, W, 3]``. NaN/Inf aborts the video."""
-        if self._closed:
+        if self._closed or self._finished:
             raise RuntimeError(f"VideoWriter for {self.path} is closed")
         try:
             check_finite(frames, "decode")
@@ -223,8 +238,10 @@ class VideoWriter:
             self.stats.update(f)
             u8 = np.round(f * 255.0).astype(np.uint8)
             self._write_uint8(u8)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if isinstance(exc, OSError):
+                raise fsio.OutputError(f"cannot write {self.path} ({exc.strerror or exc})") from None
             raise
 
     def _start(self) -> None:
@@ -236,19 +253,24 @@ class VideoWriter:
         if w % 2 or h % 2:
             w, h = w + w % 2, h + h % 2  # yuv420p needs even sizes: frames are edge-padded
         self._even_size = (w, h)
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self._tmp), (w, h), pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=self.fps, quality=None,
-            codec="libx264", macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-crf", str(self.crf), "-preset", self.preset, "-movflags", "+faststart", "-f", "mp4"])
-        self._gen.send(None)
+        # Our own ffmpeg process (imageio-ffmpeg's writer ignores the exit status): its stderr goes to an
+        # anonymous file, so a failure can say why.
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
+               "-pix_fmt", "rgb24", "-r", str(Fraction(self.fps).limit_denominator()), "-i", "-", "-an",
+               "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-crf", str(self.crf),
+               "-preset", self.preset, "-movflags", "+faststart", "-f", "mp4", str(self._tmp)]
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
 
     def _write_uint8(self, u8: np.ndarray) -> None:
         if self.format == "mp4":
             w, h = self._even_size
             if (w, h) != self.size:
                 u8 = np.pad(u8, ((0, 0), (0, h - u8.shape[1]), (0, w - u8.shape[2]), (0, 0)), mode="edge")
-            for frame in u8:
-                self._gen.send(np.ascontiguousarray(frame))
+            try:
+                self._proc.stdin.write(np.ascontiguousarray(u8).tobytes())
+            except OSError:  # ffmpeg is gone (no space, file size limit, killed): say what it said
+                self._raise_ffmpeg_failed()
         elif self.format == "gif":
             self._gif_frames.extend(u8)
         else:
@@ -256,68 +278,157 @@ class VideoWriter:
 
             start = self.stats.frames - u8.shape[0]
             for k, frame in enumerate(u8):
-                iio.imwrite(self._tmp / f"frame_{start + k:05d}.png", frame)
+                iio.imwrite(self._tmp / f"frame_{start + k:05d}.png", frame, extension=".png")
+
+    def _raise_ffmpeg_failed(self):
+        proc, self._proc = self._proc, None
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        rc = proc.wait()
+        self._stderr.seek(0)
+        said = self._stderr.read()[-2000:].decode(errors="replace").strip()
+        if rc < 0:
+            name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
+            why = f"ffmpeg was killed by {name}" + (" (file size limit exceeded)" if name == "SIGXFSZ" else "")
+        else:
+            why = f"ffmpeg failed with exit status {rc}"
+        raise fsio.OutputError(f"cannot write {self.path}: {why}" + (f": {said}" if said else ""))
 
     # -- finishing --------------------------------------------------------------------------------------
     def close(self) -> Path:
-        """Finish, check health, and move the video into place. Raises ``GenerationFailed`` (no file left)."""
+        """Finish, check and move the video into place. Raises ``GenerationFailed`` or ``fsio.OutputError``
+        (no file left either way)."""
         if self._closed:
             return self.path
+        self.finish()
+        return self.publish()
+
+    def finish(self) -> None:
+        """Finish encoding and verify the file, without publishing it yet (``publish()`` or ``abort()``)."""
+        if self._closed or self._finished:
+            return
         try:
             problem = self.stats.problem()
             if problem is not None and (self.check_health or self.stats.frames == 0):
                 raise GenerationFailed(problem, "video", self.stats.summary())
             self._finish_encoding()
-            self._commit()
-        except BaseException:
+            self._verify()
+        except BaseException as exc:
             self.abort()
+            if isinstance(exc, OSError):
+                raise fsio.OutputError(f"cannot write {self.path} ({exc.strerror or exc})") from None
             raise
-        self._closed = True
-        return self.path
+        self._finished = True
 
     def _finish_encoding(self) -> None:
         if self.format == "mp4":
-            gen, self._gen = self._gen, None
-            gen.close()  # flushes and waits for ffmpeg; raises if ffmpeg failed
+            self._proc.stdin.close()
+            if self._proc.wait() != 0:
+                self._raise_ffmpeg_failed()
+            self._proc = None
+            self._stderr.close()
         elif self.format == "gif":
             import imageio.v3 as iio
 
             iio.imwrite(self._tmp, np.stack(self._gif_frames), extension=".gif", duration=1000.0 / self.fps, loop=0)
             self._gif_frames = []
+        else:
+            files = [f"frame_{k:05d}.png" for k in range(self.stats.frames)]
+            manifest = {"format": fsio.FRAMES_FORMAT, "frames": self.stats.frames, "fps": self.fps, "files": files}
+            (self._tmp / fsio.FRAMES_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
-    def _commit(self) -> None:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, (0o777 if self._tmp.is_dir() else 0o666) & ~umask)  # mkstemp makes 0600 files
-        if self.format != "png" or not self.path.exists():
-            os.replace(self._tmp, self.path)
-            return
-        # Replace an existing frame folder: move it aside, move the new one in, then delete the old one.
-        old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
-        os.rmdir(old)
-        os.replace(self.path, old)
-        os.replace(self._tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+    def _verify(self) -> None:
+        """The finished temporary must be a readable video holding every frame written."""
+        if self.format == "png":
+            n = len(list(self._tmp.glob("frame_*.png")))
+        else:
+            size = self._tmp.stat().st_size
+            with open(self._tmp, "rb") as f:
+                head = f.read(16)
+            if size == 0 or not fsio.KINDS[FORMAT_KIND[self.format]][1](head):
+                raise fsio.OutputError(f"cannot write {self.path}: the encoder produced "
+                                       f"{'an empty file' if size == 0 else 'a file with no valid header'}")
+            n = _count_frames(self._tmp, self.format)
+            if self.format == "gif" and 0 < n <= self.stats.frames:
+                n = self.stats.frames  # Pillow merges identical consecutive frames into one longer frame
+        if n != self.stats.frames:
+            raise fsio.OutputError(f"cannot write {self.path}: the finished file holds {n} frames, "
+                                   f"{self.stats.frames} were written (truncated output)")
+
+    def publish(self) -> Path:
+        """Move the finished video over the target (old frame folder aside, new in, old removed)."""
+        if self._closed:
+            return self.path
+        if not self._finished:
+            raise RuntimeError(f"VideoWriter for {self.path}: publish() before finish()")
+        try:
+            if self.format == "png":
+                check_output(self.path, self.format)  # may have changed while we encoded
+                fsio.replace_folder(self._tmp, self.path)
+            else:
+                fsio.publish_file(self._tmp, self.path, FORMAT_KIND[self.format])
+        except BaseException:
+            self.abort()
+            raise
+        self._tmp = None
+        self._closed = True
+        fsio.release_signal_guard()
+        return self.path
 
     def abort(self) -> None:
         """Stop without producing a file (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        gen, self._gen = self._gen, None
-        if gen is not None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
             try:
-                gen.close()
-            except Exception:  # noqa: BLE001 - we are discarding the output anyway
+                proc.stdin.close()
+            except OSError:  # the pipe is broken: ffmpeg is gone, which is what we want
                 pass
+        if self._stderr is not None:
+            self._stderr.close()
         self._gif_frames = []
-        if self._tmp.is_dir():
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        else:
-            try:
-                self._tmp.unlink()
-            except FileNotFoundError:
-                pass
+        tmp, self._tmp = self._tmp, None
+        fsio.discard(tmp)
+        fsio.release_signal_guard()
+
+
+FORMAT_KIND = {"mp4": "mp4", "gif": "gif"}
+
+
+def check_output(path, format: str | None = None, create_parents: bool = False) -> None:
+    """Refuse (``fsio.OutputRefused``) a video target mlx-video may not replace; see ``VideoWriter``."""
+    path = Path(path)
+    format = _format_for(path, format)
+    if format == "png":
+        fsio.check_folder_target(path, fsio.frames_folder_problem, "PNG-frames folder", create_parents)
+    else:
+        fsio.check_file_target(path, FORMAT_KIND[format], create_parents)
+
+
+def _count_frames(path: Path, format: str) -> int:
+    try:
+        if format == "gif":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return int(getattr(im, "n_frames", 1))
+        import imageio_ffmpeg
+
+        # Count the video packets without decoding them (one per frame for H.264; ~3x faster than
+        # count_frames_and_secs): a truncated file or a damaged sample table gives fewer, or none.
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+               "-f", "null", "-"]
+        run = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
+        counts = re.findall(r"frame=\s*(\d+)", run.stderr)
+        return int(counts[-1]) if run.returncode == 0 and counts else 0
+    except Exception:  # noqa: BLE001 - an unreadable file is a failed write
+        return 0
 
 
 def write_video(path, frames, fps: float = DEFAULT_FPS, **kwargs) -> Path:

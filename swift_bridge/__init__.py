@@ -9,6 +9,9 @@
 - ``golden``: the golden model and the fixtures the Python runtime computes for the XCTests.
 - ``swiftcheck``: tree-sitter-swift syntax check and the parameter tree the Swift declares.
 - ``spm``: a Python mirror of the generated Swift tokenizer (tested against sentencepiece).
+- ``swiftbuild`` / ``verify``: ``export-swift --verify`` / ``--verify-only``: compile the export with ``swift``
+  against ``standin/`` (a CPU test double of mlx-swift, never shipped) and run its golden XCTests.
+- ``standin_fixtures``: inputs and Python-MLX outputs that the stand-in's own XCTests check every op against.
 """
 
 import mlx_video  # noqa: F401

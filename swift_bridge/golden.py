@@ -143,6 +143,19 @@ def write_fixtures(model_folder: Path, out: Path, tokenizer_file: Path | None) -
                           "next_sigma": np.array(sched.sigmas[1], np.float32),
                           "velocity": seen[0], "next_latents": next_latents})
 
+    # The staged pipeline end to end (what LightningVideoPipeline runs): UMT5 on fixed ids, the exported
+    # sampler from a seed (noise and re-noising drawn by MLX's PRNG, as on the phone), TAEHV decode.
+    pipeline_seed = 7
+    pipeline_ids = rng.integers(3, ec.vocab_size, 5).tolist() + [ec.eos_id]
+    pipeline_context = enc.encode_tokens([pipeline_ids], ec.text_len)
+    pipeline_text = dit.prepare_text(pipeline_context)
+    pipeline_noise = sampling.latent_noise((1, 2, 4, 6, dc.in_channels), pipeline_seed)
+    pipeline_latents = sampling.sample(scfg, lambda x, t: dit(x, [t], text=pipeline_text), pipeline_noise,
+                                       key=pipeline_seed)
+    save("pipeline", {"ids": np.array(pipeline_ids, np.int32), "seed": np.array(pipeline_seed, np.int32),
+                      "context": pipeline_context, "noise": pipeline_noise, "latents": pipeline_latents,
+                      "frames": taehv.decode(dec, pipeline_latents)})
+
     if tokenizer_file is not None:
         from mlx_video.tokenizer import Tokenizer
 

@@ -52,7 +52,7 @@ def test_dit_flops_match_torch_flop_counter_on_diffusers():
     """Independent count: PyTorch's FlopCounterMode on the diffusers reference (pruned heads included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.run import dit_config, make_reference_dit
+    from benchmarks.dit import dit_config, make_reference_dit
 
     c = dit_config("tiny")
     ref = make_reference_dit(c)
@@ -207,5 +207,5 @@ def test_quick_outputs_and_report(quick_run, tmp_path):
 def test_bench_cli_rejects_bad_shape(capsys):
     from mlx_video.cli import main
 
-    assert main(["bench", "--shapes", "huge", "--no-reference"]) == 1
-    assert "unknown shape 'huge'" in capsys.readouterr().err
+    assert main(["bench", "--shapes", "huge", "--no-reference"]) == 2  # a usage error, found before any work
+    assert "--shapes: unknown value 'huge'" in capsys.readouterr().err

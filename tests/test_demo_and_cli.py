@@ -25,7 +25,7 @@ def test_demo_model_generates_a_video(tmp_path):
 def test_demo_refuses_to_overwrite_a_non_model_folder(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    assert main(["demo", "--mlx-path", str(tmp_path / "x")]) == 1
+    assert main(["demo", "--mlx-path", str(tmp_path / "x")]) == 2  # a usage error: fsio.OutputRefused
     assert "not an mlx-video model folder" in capsys.readouterr().err
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 

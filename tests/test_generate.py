@@ -229,15 +229,15 @@ def test_black_video_is_refused(model, tmp_path):
     (["--frames", "10"], "frames must be of the form 4k+1"),
     (["--steps", "0"], "--steps must be positive"),
     (["--sampler", "ddim"], "invalid choice"),
-    (["--memory-limit", "lots"], "cannot read memory size"),
-    (["--shift", "-1"], "shift must be > 0"),
+    (["--memory-limit", "lots"], "cannot read 'lots' as a memory size"),
+    (["--shift", "-1"], "--shift must be a finite number > 0"),
     (["--denoising-step-list", "250", "500"], "strictly decreasing"),
 ])
 def test_invalid_flags_exit_2(model, tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as exc:
-        main(["generate", "--model", str(model), "--prompt", "x", "--output", str(tmp_path / "o.mp4"), *flags])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert _exit_code(["generate", "--model", str(model), "--prompt", "x", "--output", str(tmp_path / "o.mp4"),
+                       *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -251,10 +251,16 @@ def test_empty_prompt_missing_model_and_unwritable_output_exit_2(model, tmp_path
         (["--prompt", "x"], "--model is required"),
     ]
     for argv, message in cases:
-        with pytest.raises(SystemExit) as exc:
-            main(["generate", *argv])
-        assert exc.value.code == 2, argv
+        assert _exit_code(["generate", *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def _exit_code(argv) -> int:
+    """Usage errors: argparse's own checks exit via SystemExit(2); the checks after parsing return 2."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def test_sampler_defaults_come_from_the_model_folder(model, tmp_path):
@@ -280,10 +286,9 @@ def test_hub_repo_ids_resolve_from_the_local_cache_offline(model, tmp_path, monk
     assert main(["generate", "--model", "someone/tiny-video", "--prompt", "fox", *SMALL, "--quiet",
                  "--no-prompt-cache", "--output", str(tmp_path / "a.mp4")]) == 0
     assert video_info(tmp_path / "a.mp4").frames == 9
-    with pytest.raises(SystemExit) as exc:
-        main(["generate", "--model", "someone/not-downloaded", "--prompt", "fox", "--output", str(tmp_path / "b.mp4")])
-    assert exc.value.code == 2
-    assert "huggingface-cli download someone/not-downloaded" in capsys.readouterr().err
+    assert _exit_code(["generate", "--model", "someone/not-downloaded", "--prompt", "fox", "--output",
+                       str(tmp_path / "b.mp4")]) == 2
+    assert "hf download someone/not-downloaded" in capsys.readouterr().err
 
 
 def test_dit_peak_memory_prediction_is_within_15_percent():

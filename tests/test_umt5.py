@@ -195,16 +195,41 @@ def test_prefixed_hf_file_with_only_the_tied_alias(env, tmp_path):
     assert sorted(a) == sorted(b) and all(mx.array_equal(a[k], b[k]) for k in a)
 
 
-def test_embedding_rows_read_without_loading_the_table(env):
+def _bytes_read() -> int:
+    """Bytes this process has read through read()/pread() so far (Linux ``rchar``)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_embedding_rows_read_without_loading_the_table(env, monkeypatch):
+    """Six rows cost six rows of reads: the whole-table loaders are never called and the bytes read are
+    those of the rows (plus a header), not of the table (the mmapped .pth reads ~nothing)."""
+    from converters import common
     from converters.common import open_checkpoint
     from converters.umt5 import _row_reader
 
     for source, key in ((env["dir"] / "hf", "shared.weight"),
                         (env["dir"] / "models_t5_umt5-xxl-enc-bf16.pth", "token_embedding.weight")):
         ckpt = open_checkpoint(source)
+        table = ckpt[key]  # the reference, read before the guards below
+        mx.eval(table)
         reader = _row_reader(ckpt, key)
-        assert reader.__name__ != "whole"  # file reads / mmapped torch storage, not a full load
-        assert mx.array_equal(reader(3, 9), ckpt[key][3:9])
+
+        def whole_table_loaded(*args, **kwargs):
+            raise AssertionError(f"{source}: the whole embedding table was loaded to read 6 rows")
+
+        monkeypatch.setattr(mx, "load", whole_table_loaded)
+        monkeypatch.setattr(common, "_torch_to_mx", whole_table_loaded)
+        before = _bytes_read()
+        rows = reader(3, 9)
+        mx.eval(rows)
+        read = _bytes_read() - before
+        monkeypatch.undo()
+        assert mx.array_equal(rows, table[3:9])
+        row_bytes = table.nbytes // table.shape[0]
+        files = sorted(source.glob("*.safetensors")) if source.is_dir() else []
+        header = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)  # may be re-parsed
+        assert read <= 6 * row_bytes + header + 512, (source, read, 6 * row_bytes, header, table.nbytes)
 
 
 def test_t5_encoder_with_shared_position_table(env, tmp_path):
@@ -351,7 +376,7 @@ def test_prompt_cache(env, tmp_path, monkeypatch):
     assert calls == [3, 2, 1]
 
 
-def test_fp16_does_not_overflow(env):
+def test_fp16_does_not_overflow(env, monkeypatch):
     enc = umt5.load(env["dir"] / "fp32_hf", dtype=mx.float16, lazy_embedding=False)
     ref = umt5.load(env["dir"] / "fp32_hf", lazy_embedding=False)
     ids = mx.array([[5, 9, 17, 3, 1]])
@@ -362,7 +387,20 @@ def test_fp16_does_not_overflow(env):
             block.ffn.fc2.weight = block.ffn.fc2.weight * 3000
     out = enc(ids)
     assert bool(mx.isfinite(out).all())
-    assert float(mx.abs(ref(ids)).max()) > 0  # (fp32 reference is finite too; values differ by the clamp)
+    # Reference: the fp32 model with Wan's fp16_clamp applied to every projection's input and output.
+    unclamped = ref(ids)
+    original = umt5.linear
+
+    def clamped(layer, x, rt):
+        return mx.clip(original(layer, mx.clip(x, -65504.0, 65504.0), rt), -65504.0, 65504.0)
+
+    monkeypatch.setattr(umt5, "linear", clamped)
+    expected = ref(ids)
+    assert rel_err(unclamped, expected) > 1e-3  # the clamp really engaged: fp16 would have overflowed here
+    a, b = np.array(out, np.float64)[0], np.array(expected, np.float64)[0]
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cosine.min() >= 0.98, cosine  # per token (measured min 0.991): fp16 rounds coarsely near the clamp
+    assert np.median(np.abs(a - b)) <= 1e-2 * np.abs(b).max(), np.median(np.abs(a - b))
 
 
 def test_peak_memory_estimate(env):
@@ -375,7 +413,8 @@ def test_peak_memory_estimate(env):
     mx.eval(umt5.encode_prompts(enc, tok, PROMPTS[2:]))
     measured = mx.get_peak_memory() - base
     predicted = umt5.text_encoder_peak_bytes(section, len(tok.encode(PROMPTS[2])), 1, storage_dtype="float32")
-    assert measured <= predicted <= 3 * measured, (measured, predicted)
+    # measured ratio 1.51 on this tiny model
+    assert measured <= predicted <= 1.75 * measured, (measured, predicted, predicted / measured)
     # Full size (UMT5-xxl, 512 tokens): INT4 g64 streamed fits the 2.5 GB target, bf16 resident does not.
     q = {"bits": 4, "group_size": 64, "mode": "affine", "keep": [], "embedding": False}
     xxl = umt5.UMT5Config(quantization=q)

@@ -209,16 +209,36 @@ def test_paper_shapes_10_of_12_heads_and_ffn_4480_load_and_run(tmp_path):
     c = model.config
     assert (c.dim, c.head_dim, c.self_attn_heads, c.cross_attn_heads, c.ffn_dim) == (1536, 128, [10], [10], [4480])
     assert c.text_dim == text_dim and c.rope_split() == (22, 21, 21)
-    out = model(mx.zeros((1, 2, 4, 6, 16)), [625.0], context=mx.ones((1, 3, text_dim)))
-    assert out.shape == (1, 2, 4, 6, 16) and bool(mx.all(mx.isfinite(out)))
+    x = mx.array(rng.standard_normal((1, 2, 4, 6, 16)).astype(np.float32))
+    context = rng.standard_normal((1, 3, text_dim)).astype(np.float32)
+    out = np.array(model(x, [625.0], context=mx.array(context)))
+    assert out.shape == (1, 2, 4, 6, 16) and np.isfinite(out).all() and out.std() > 1e-3
+    # every part of the block reaches the output: another prompt, another timestep, another latent frame
+    other_context = rng.standard_normal(context.shape).astype(np.float32)  # (token order alone is invisible)
+    other_text = np.array(model(x, [625.0], context=mx.array(other_context)))
+    other_t = np.array(model(x, [250.0], context=mx.array(context)))
+    assert rel_error(other_text, out) > 1e-4 and rel_error(other_t, out) > 1e-4
+    x2 = np.array(x)
+    x2[:, 1] = -x2[:, 1]
+    other_frame = np.array(model(mx.array(x2), [625.0], context=mx.array(context)))
+    assert rel_error(other_frame[:, 0], out[:, 0]) > 1e-5  # self-attention mixes frames
 
 
-def test_attention_chunking_is_exact():
+def test_attention_chunking_is_exact(monkeypatch):
+    from mlx_video import ops
     from mlx_video.ops import attention
 
     q, k, v = (mx.random.normal((1, 2, 300, 16), key=mx.random.key(i)) for i in range(3))
     full = attention(q, k, v, 0.25, budget_bytes=1 << 30, fused=False)
-    chunked = attention(q, k, v, 0.25, budget_bytes=2 * 300 * 4 * 3 * 7, fused=False)  # several query chunks
+    rows = []  # query rows per chunk actually computed
+    for name in ("_attend", "_attend_numpy_softmax"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda q_, kt, v_, f=original: rows.append(q_.shape[2]) or f(q_, kt, v_))
+    budget = 2 * 300 * 4 * 3 * 7
+    chunked = attention(q, k, v, 0.25, budget_bytes=budget, fused=False)  # several query chunks
+    per_row = 2 * 300 * 4 * ops._score_temporaries()
+    assert sum(rows) == 300 and len(rows) == -(-300 // (budget // per_row)) > 1
+    assert max(rows) * per_row <= budget
     sdpa = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
     assert np.abs(np.array(full) - np.array(chunked)).max() < 1e-6
     assert np.abs(np.array(full) - np.array(sdpa)).max() < 1e-5

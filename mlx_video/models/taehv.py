@@ -44,6 +44,9 @@ from typing import Iterable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import native as native_kernels
+from ..ops import native_conv3x3
+
 WEIGHTS_NAME = "decoder.safetensors"
 
 
@@ -60,6 +63,9 @@ class TAEHVConfig:
     encoder_time_downscale: list[bool] = field(default_factory=lambda: [True, True, False])
     has_encoder: bool = True
     model_type: str = "taehv"
+    # Ranges checked when a config is read (utils.config_values), per list item; not a dataclass field.
+    LIMITS = {"latent_channels": (1, 4096), "image_channels": (1, 64), "patch_size": (1, 64),
+              "decoder_channels": (1, 16384), "encoder_channels": (1, 16384), "depth": (1, 64)}
 
     def __post_init__(self):
         self.decoder_channels = [int(c) for c in self.decoder_channels]
@@ -189,6 +195,9 @@ def conv_forward(layer: Conv, x: mx.array, sync: bool = False) -> mx.array:
     elif k == 3 and layer.stride == 1 and 4 * o <= c:
         y = _conv_by_taps(x, w)
     elif k == 3 and layer.stride == 1:
+        bias = layer.bias if "bias" in layer else None
+        if (y := native_conv3x3([x], w, bias)) is not None:  # bias added in the kernel
+            return _sync(y, sync)
         y = conv3x3([(x, w)], sync)
     else:
         y = mx.conv2d(x, w, stride=layer.stride, padding=k // 2)
@@ -260,11 +269,22 @@ def _fold_taps(w: mx.array, axis: int, phase: int) -> mx.array:
     return mx.concatenate([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], axis=axis)
 
 
+def native_upconv3x3(x: mx.array, w: mx.array, bias: mx.array | None) -> mx.array | None:
+    """:func:`upconv_forward` by the native kernel (phases folded in C++, the four 2x2 convs in one
+    threaded pass, written interleaved), or None where the native path is off."""
+    if not native_kernels.enabled() or any(a.dtype != mx.float32 for a in (x, w)):
+        return None
+    return native_kernels.kernels().upconv3x3(x, w, bias)
+
+
 def upconv_forward(layer: Conv, x: mx.array, sync: bool = False) -> mx.array:
     """``conv3x3(upsample_nearest(x, 2))`` without materialising the upsampled input: output phase (a, b)
     is a 2x2 conv of ``x`` (2.25x fewer FLOPs), as 2 GEMMs over one 2-pixel row-window buffer (2x the
     low-resolution input), written in place into the interleaved output."""
     w = layer.weight
+    bias = layer.bias if "bias" in layer else None
+    if (y := native_upconv3x3(x, w, bias)) is not None:
+        return _sync(y, sync)
     o = w.shape[0]
     n, h, wd, c = x.shape
     win, w2, m = _row_windows(x, 2)
@@ -291,8 +311,11 @@ def memblock_forward(block: MemBlock, x: mx.array, past: mx.array | None, sync: 
     c = x.shape[-1]
     c0 = block.conv[0]
     terms = [(x, c0.weight[..., :c])] + ([] if past is None else [(past, c0.weight[..., c:])])
-    h = nn.relu(conv3x3(terms, sync) + c0.bias)
-    h = nn.relu(conv_forward(block.conv[2], h, sync))
+    h = native_conv3x3([x] if past is None else [x, past], c0.weight, c0.bias, relu=True)
+    h = _sync(h, sync) if h is not None else nn.relu(conv3x3(terms, sync) + c0.bias)
+    c2 = block.conv[2]
+    h2 = native_conv3x3([h], c2.weight, c2.bias, relu=True) if c2.weight.shape[1] == 3 else None
+    h = _sync(h2, sync) if h2 is not None else nn.relu(conv_forward(c2, h, sync))
     h = conv_forward(block.conv[4], h, sync)
     skip = conv_forward(block.skip, x) if "skip" in block else x
     return _sync(nn.relu(h + skip), sync)
@@ -742,6 +765,8 @@ def _conv_extra(layer: Conv, n: int, h: int, w: int, c: int) -> tuple[int, int]:
     if k == 3 and layer.stride == 1 and 4 * o <= c:  # by taps: the 9*O matmul output, padded, running sum
         z = 9 * o
         return n * h * w * z + n * (h + 2) * (w + 2) * z + 2 * n * h * w * o, n * h * w * o
+    if k == 3 and layer.stride == 1 and 4 * o > c and native_kernels.enabled():  # the output only (per-thread
+        return n * h * w * o, n * h * w * o  # row blocks, <= 1.5 MiB each, come from malloc, not MLX)
     if k == 3 and layer.stride == 1:  # row windows: padded input, 3x windows, GEMM output, sliced + bias
         xp = n * (h + 3) * (w + 2) * c
         return 4 * xp + n * h * (w + 2) * o + n * h * w * o, n * h * w * o
@@ -764,13 +789,20 @@ def _ops_peak(ops, n: int, h: int, w: int, c: int, keep_all: bool) -> tuple[int,
             c2 = layer.conv[2]
             extra2, _ = _conv_extra(c2, n, h, w, c2.weight.shape[-1])
             wcopy = layer.conv[0].weight.size // 2  # one term's weights, rearranged for the GEMMs
-            peak = max(peak, kept + wcopy + max(conv0, out + extra2 + out))
+            if native_kernels.enabled():  # both terms in one fused call, no weight copies; conv2's ReLU fused
+                peak = max(peak, kept + max(conv0, out + extra2))
+            else:
+                peak = max(peak, kept + wcopy + max(conv0, out + extra2 + out))
             c = layer.conv[4].weight.shape[0]
         elif op == "conv":
             extra, out = _conv_extra(layer, n, h, w, c)
             peak = max(peak, kept + size + extra + layer.weight.size)
             h, w = -(-h // layer.stride), -(-w // layer.stride)
             c = layer.weight.shape[0]
+        elif op == "upconv" and native_kernels.enabled():  # output only (folded weights are malloc'd)
+            o = layer.weight.shape[0]
+            peak = max(peak, kept + size + 4 * n * h * w * o)
+            h, w, c = 2 * h, 2 * w, o
         elif op == "upconv":
             o = layer.weight.shape[0]
             xp = n * (h + 3) * (w + 2) * c
@@ -791,8 +823,8 @@ def _ops_peak(ops, n: int, h: int, w: int, c: int, keep_all: bool) -> tuple[int,
             f = layer.factor
             peak = max(peak, kept + size * (1 + f * f))
             h, w = h * f, w * f
-        else:
-            peak = max(peak, kept + 2 * size)
+        else:  # activations: MLX reuses the input buffer (run_ops drops its last reference first)
+            peak = max(peak, kept + size + (0 if native_kernels.enabled() else size))
     return peak, kept, (n, h, w, c)
 
 
@@ -929,18 +961,17 @@ def load(folder, dtype: mx.Dtype | None = None, encoder: bool = False) -> TAEHV:
     """
     import dataclasses
 
+    from ..safetensors_io import load_safetensors
     from ..utils import (ModelFolderError, cast_floating, config_from_dict, config_section, default_compute_dtype,
-                         load_weights_strict)
+                         load_weights_strict, model_file)
 
     folder = Path(folder)
     section = config_section(folder, "decoder")
     config = config_from_dict(TAEHVConfig, section)
     if encoder and not config.has_encoder:
         raise ModelFolderError(f"{folder}: the decoder was converted from a checkpoint without encoder weights")
-    path = folder / section.get("weights_file", WEIGHTS_NAME)
-    if not path.exists():
-        raise ModelFolderError(f"{path} is missing (the decoder section of {folder / 'config.json'} names it)")
-    weights = mx.load(str(path))
+    path = model_file(folder, section, "weights_file", WEIGHTS_NAME)
+    weights = load_safetensors(path)
     if not encoder:
         config = dataclasses.replace(config, has_encoder=False)
         weights = {k: v for k, v in weights.items() if not k.startswith("encoder.")}

@@ -36,6 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..ops import attention_chunk_size, fused_attention_available, gelu_tanh
+from ..safetensors_io import safetensors_layout  # noqa: F401  (also used by the converter's row reader)
 
 WEIGHTS_NAME = "text_encoder.safetensors"
 TOKENIZER_NAME = "spiece.model"
@@ -66,10 +67,26 @@ class UMT5Config:
     # None, or {"bits", "group_size", "mode", "keep": [name fragments left unquantized], "embedding": bool}
     quantization: dict | None = None
     model_type: str = "umt5-encoder"
+    # Ranges checked when a config is read (utils.config_values); not a dataclass field.
+    LIMITS = {"vocab_size": (1, 1 << 22), "dim": (1, 65536), "dim_attn": (1, 65536), "dim_ffn": (1, 1 << 20),
+              "num_heads": (1, 1024), "num_layers": (1, 1024), "num_buckets": (2, 4096), "max_distance": (2, 1 << 20),
+              "eps": (1e-30, 1.0), "text_len": (1, 8192), "pad_id": (0, 1 << 22), "eos_id": (0, 1 << 22)}
 
     def __post_init__(self):
         if self.dim_attn % self.num_heads:
             raise ValueError(f"dim_attn {self.dim_attn} is not a multiple of num_heads {self.num_heads}")
+        if max(self.pad_id, self.eos_id) >= self.vocab_size:
+            raise ValueError(f"pad_id {self.pad_id} / eos_id {self.eos_id} must index the {self.vocab_size}-row "
+                             f"embedding")
+        q = self.quantization
+        if q is not None:
+            if (not isinstance(q, dict) or q.get("bits") not in (2, 3, 4, 5, 6, 8)
+                    or q.get("group_size") not in (32, 64, 128)
+                    or q.get("mode", "affine") != "affine" or not isinstance(q.get("keep", []), list)
+                    or not all(isinstance(k, str) for k in q.get("keep", []))
+                    or not isinstance(q.get("embedding", False), bool)):
+                raise ValueError(f"quantization must be {{bits: 2-8, group_size: 32/64/128, mode: 'affine', keep: "
+                                 f"[names], embedding: bool}}, got {q!r:.120}")
 
     @property
     def head_dim(self) -> int:
@@ -337,21 +354,6 @@ _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np
               "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "I64": np.int64}
 
 
-def safetensors_layout(path: Path) -> tuple[int, dict]:
-    """``(data_start, header)`` of a safetensors file (header entries: dtype, shape, data_offsets)."""
-    size = Path(path).stat().st_size
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise ValueError(f"corrupt header length {n} in a {size}-byte file")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"truncated: the tensors need {8 + n + end} bytes, the file has {size}")
-    return 8 + n, header
-
-
 class TensorRows:
     """Rows of one tensor in a safetensors file, read with plain file reads (no mmap).
 
@@ -560,16 +562,14 @@ def load(folder, dtype: mx.Dtype | None = None, stream: bool = False, lazy_embed
     ``stream``: read each block from disk when it runs (peak ~ one block) instead of keeping all resident.
     ``lazy_embedding``: read the rows a prompt uses from the file (default) instead of loading the table.
     """
-    from ..utils import ModelFolderError, config_from_dict, config_section
+    from ..utils import ModelFolderError, config_from_dict, config_section, model_file
 
     folder = Path(folder)
     section = config_section(folder, "text_encoder")
     if not section.get("weights_file"):
         raise ModelFolderError(f"{folder} holds only a tokenizer for the text encoder, no weights; add them with "
                                f"`mlx-video convert --text-encoder ... --tokenizer ... --mlx-path {folder}`")
-    path = folder / section["weights_file"]
-    if not path.exists():
-        raise ModelFolderError(f"{path} is missing")
+    path = model_file(folder, section, "weights_file", WEIGHTS_NAME)
     config = config_from_dict(UMT5Config, section)
     model = UMT5Encoder(config)
     model.runtime = default_runtime(dtype)

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, gelu_tanh_fresh, modulated_layer_norm
+from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, gelu_tanh_fresh, modulated_layer_norm, native_rope
 
 # Parameters that stay fp32 whatever the weight dtype (small, and precision-critical).
 FP32_PARAMETERS = ("time_embedding.", "modulation", "norm", "head.linear")
@@ -47,6 +47,11 @@ class WanDiTConfig:
     qk_norm_width: int | None = None
     rope_theta: float = 10000.0
     model_type: str = "wan2.1-t2v"
+    # Ranges checked when a config is read (utils.config_values), per list item; not a dataclass field.
+    LIMITS = {"dim": (1, 65536), "num_layers": (1, 1024), "self_attn_heads": (1, 1024), "cross_attn_heads": (1, 1024),
+              "ffn_dim": (1, 1 << 20), "head_dim": (6, 1024), "freq_dim": (2, 65536), "text_dim": (1, 65536),
+              "text_len": (1, 8192), "in_channels": (1, 4096), "out_channels": (1, 4096), "patch_size": (1, 64),
+              "eps": (1e-30, 1.0), "qk_norm_width": (1, 1 << 20), "rope_theta": (1.0, 1e12)}
 
     def __post_init__(self):
         for name in ("self_attn_heads", "cross_attn_heads", "ffn_dim"):
@@ -56,10 +61,15 @@ class WanDiTConfig:
                 raise ValueError(f"{name} has {len(value)} entries for {self.num_layers} layers")
             setattr(self, name, value)
         self.patch_size = [int(p) for p in self.patch_size]
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size needs 3 entries (t, h, w), got {self.patch_size}")
         if self.qk_norm not in ("kept", "masked"):
             raise ValueError(f"qk_norm must be 'kept' or 'masked', not {self.qk_norm!r}")
         if self.head_dim % 2 or self.head_dim < 6:
             raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {self.head_dim}")
+        widest = max(self.self_attn_heads + self.cross_attn_heads, default=0) * self.head_dim
+        if self.qk_norm == "masked" and self.qk_norm_width is not None and self.qk_norm_width < widest:
+            raise ValueError(f"qk_norm_width {self.qk_norm_width} is narrower than the {widest} q/k channels it masks")
 
     @property
     def patch_elements(self) -> int:
@@ -95,17 +105,19 @@ def sinusoidal_embedding(timesteps, dim: int) -> mx.array:
 
 
 @lru_cache(maxsize=16)
-def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> tuple[mx.array, mx.array]:
+def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
+                start_frame: int = 0) -> tuple[mx.array, mx.array]:
     """cos/sin ``[L, 1, head_dim/2]`` for tokens in row-major (f, h, w) order, interleaved-pair RoPE.
 
     Each axis has its own frequencies ``1/theta^(2j/D_axis)`` ([WAN] ``rope_params``), float64 on the host.
+    ``start_frame`` offsets the time positions (causal blocks: [SF] ``causal_rope_apply(start_frame=...)``).
     """
     d = head_dim
     dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
     angles = []
     for axis, (size, axis_dim) in enumerate(zip(grid, dims)):
         omega = 1.0 / np.power(theta, np.arange(0, axis_dim, 2, dtype=np.float64) / axis_dim)
-        pos = np.arange(size, dtype=np.float64)
+        pos = np.arange(size, dtype=np.float64) + (start_frame if axis == 0 else 0)
         a = pos[:, None] * omega[None]  # [size, axis_dim/2]
         shape = [1, 1, 1, a.shape[1]]
         shape[axis] = size
@@ -116,6 +128,8 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotate adjacent pairs (2i, 2i+1) = (real, imag) of ``x [B, L, H, D]`` (GPT-J layout), in fp32."""
+    if (fast := native_rope(x, cos, sin)) is not None:
+        return fast
     b, l, h, d = x.shape
     x = x.astype(mx.float32).reshape(b, l, h, d // 2, 2)
     x0, x1 = x[..., 0], x[..., 1]
@@ -178,7 +192,9 @@ class Attention(nn.Module):
         v = self._split(linear(self.v, context)).transpose(0, 2, 1, 3)
         return k, v
 
-    def __call__(self, x, rope=None, kv=None, budget: int = DEFAULT_ATTENTION_BUDGET) -> mx.array:
+    def __call__(self, x, rope=None, kv=None, budget: int = DEFAULT_ATTENTION_BUDGET, cache=None) -> mx.array:
+        """``cache(k, v) -> (k, v)``: causal self-attention stores this block's roped keys and values and
+        returns the keys/values to attend to (``mlx_video/causal.py``)."""
         dtype = self.v.weight.dtype if not hasattr(self.v, "scales") else self.v.scales.dtype
         q = self._split(self.norm_q(linear(self.q, x)))
         if kv is None:  # self-attention
@@ -187,6 +203,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             k, v = k.astype(dtype).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             mx.eval(q, k, v)  # materialise here so the projections' temporaries are gone before the scores
+            if cache is not None:
+                k, v = cache(k, v)
         else:
             k, v = kv
         q = q.astype(dtype).transpose(0, 2, 1, 3)
@@ -235,14 +253,24 @@ class Block(nn.Module):
         self.cross_attn = Attention(dim, config.cross_attn_heads[layer], config)
         self.ffn = FeedForward(dim, config.ffn_dim[layer])
 
-    def __call__(self, x, e0, rope, cross_kv, budget: int = DEFAULT_ATTENTION_BUDGET):
-        e = self.modulation.astype(mx.float32) + e0  # [B, 6, dim], fp32
+    def __call__(self, x, e0, rope, cross_kv, budget: int = DEFAULT_ATTENTION_BUDGET, cache=None):
+        """``e0``: ``[B, 6, dim]``, or ``[B, F, 6, dim]`` for per-frame timesteps (causal models: each frame's
+        tokens get their frame's modulation, [SF] ``CausalWanAttentionBlock``)."""
+        e = self.modulation.astype(mx.float32) + e0  # fp32
+        e = e[:, None] if e.ndim == 3 else e
+        b, f, _, d = e.shape
+        e = e.reshape(b * f, 6, d)
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (e[:, i:i + 1] for i in range(6))
-        y = self.self_attn(modulated_layer_norm(x, 1 + scale_msa, shift_msa, self.eps), rope=rope, budget=budget)
-        x = x + y.astype(mx.float32) * gate_msa
+
+        def frames(t):  # [B, L, dim] -> [B*F, L/F, dim], so that [B*F, 1, dim] modulation broadcasts per frame
+            return t.reshape(b * f, -1, t.shape[-1])
+
+        y = self.self_attn(modulated_layer_norm(frames(x), 1 + scale_msa, shift_msa, self.eps).reshape(x.shape),
+                           rope=rope, budget=budget, cache=cache)
+        x = x + (frames(y.astype(mx.float32)) * gate_msa).reshape(x.shape)
         x = x + self.cross_attn(self.norm3(x), kv=cross_kv, budget=budget).astype(mx.float32)
-        y = self.ffn(modulated_layer_norm(x, 1 + scale_ffn, shift_ffn, self.eps), budget=budget)
-        return x + y.astype(mx.float32) * gate_ffn
+        y = self.ffn(modulated_layer_norm(frames(x), 1 + scale_ffn, shift_ffn, self.eps).reshape(x.shape), budget=budget)
+        return x + (frames(y.astype(mx.float32)) * gate_ffn).reshape(x.shape)
 
 
 class MLP2(nn.Module):
@@ -262,9 +290,12 @@ class Head(nn.Module):
         self.eps = config.eps
 
     def __call__(self, x, e):
-        mod = self.modulation.astype(mx.float32) + e[:, None, :]  # raw time embedding, no SiLU
+        """``e``: ``[B, dim]``, or ``[B, F, dim]`` per frame ([SF] ``CausalHead``)."""
+        e = e[:, None] if e.ndim == 2 else e
+        b, f, d = e.shape
+        mod = self.modulation.astype(mx.float32) + e.reshape(b * f, 1, d)  # raw time embedding, no SiLU
         shift, scale = mod[:, 0:1], mod[:, 1:2]
-        y = modulated_layer_norm(x, 1 + scale, shift, self.eps)
+        y = modulated_layer_norm(x.reshape(b * f, -1, x.shape[-1]), 1 + scale, shift, self.eps).reshape(x.shape)
         return self.linear(y.astype(self.linear.weight.dtype)).astype(mx.float32)
 
 
@@ -333,10 +364,13 @@ class WanDiT(nn.Module):
         return x.reshape(b, grid[0] * pt, grid[1] * ph, grid[2] * pw, c)
 
     # -- forward ---------------------------------------------------------------------------------------
-    def __call__(self, latents: mx.array, timesteps, context=None, text=None) -> mx.array:
+    def __call__(self, latents: mx.array, timesteps, context=None, text=None, kv_cache=None,
+                 start_frame: int = 0) -> mx.array:
         """Velocity prediction for ``latents [B, F, H, W, C]`` at ``timesteps`` (``[B]``, may be fractional).
 
         Give either raw T5 ``context [B, L, text_dim]`` or ``text = prepare_text(context)``.
+        Causal use (``mlx_video/causal.py``): ``timesteps [B, F]`` per latent frame, ``kv_cache`` a sequence
+        of per-layer self-attention caches, ``start_frame`` the block's first frame (RoPE time offset).
         """
         if text is None:
             if context is None:
@@ -344,12 +378,20 @@ class WanDiT(nn.Module):
             text = self.prepare_text(context)
         tokens, grid = self.patchify(latents.astype(mx.float32))
         x = linear(self.patch_embedding, tokens).astype(mx.float32)
-        e, e0 = self.embed_time(timesteps)
+        t = np.asarray(timesteps, dtype=np.float64)
+        e, e0 = self.embed_time(t.reshape(-1))
+        if t.ndim == 2:  # per-frame timesteps
+            if t.shape[1] != grid[0]:
+                raise ValueError(f"{t.shape[1]} per-frame timesteps for {grid[0]} latent frames")
+            e, e0 = e.reshape(t.shape[0], t.shape[1], -1), e0.reshape(t.shape[0], t.shape[1], 6, -1)
         if e.shape[0] != x.shape[0]:
             e, e0 = mx.broadcast_to(e, (x.shape[0], *e.shape[1:])), mx.broadcast_to(e0, (x.shape[0], *e0.shape[1:]))
-        rope = rope_tables(grid, self.config.head_dim, self.config.rope_theta)
-        for block, kv in zip(self.blocks, text):
-            x = block(x, e0, rope, kv, self.attention_budget)
+        # Causal blocks (start_frame > 0) are not kept in the table cache: one entry per block would pile up.
+        tables = rope_tables if not start_frame else rope_tables.__wrapped__
+        rope = tables(grid, self.config.head_dim, self.config.rope_theta, int(start_frame))
+        caches = kv_cache if kv_cache is not None else [None] * len(self.blocks)
+        for block, kv, cache in zip(self.blocks, text, caches):
+            x = block(x, e0, rope, kv, self.attention_budget, cache)
         return self.unpatchify(self.head(x, e), grid)
 
 
@@ -364,13 +406,17 @@ def load(folder, dtype: mx.Dtype | None = None) -> WanDiT:
     """Load the DiT of a model folder. ``dtype`` is the matmul dtype (default: fp32 on CPU, bf16 on GPU)."""
     from pathlib import Path
 
-    from ..utils import cast_floating, config_from_dict, config_section, default_compute_dtype, load_weights_strict
+    from ..safetensors_io import load_safetensors
+    from ..utils import (cast_floating, config_from_dict, config_section, default_compute_dtype, load_weights_strict,
+                         model_file)
 
     folder = Path(folder)
-    config = config_from_dict(WanDiTConfig, config_section(folder, "dit"))
+    section = config_section(folder, "dit")
+    config = config_from_dict(WanDiTConfig, section)
     model = WanDiT(config)
-    weights = mx.load(str(folder / WEIGHTS_NAME))
+    path = model_file(folder, section, "weights_file", WEIGHTS_NAME)
+    weights = load_safetensors(path)
     weights = cast_floating(weights, dtype or default_compute_dtype(), keep_fp32=FP32_PARAMETERS)
-    load_weights_strict(model, weights, f"{folder / WEIGHTS_NAME}")
+    load_weights_strict(model, weights, f"{path}")
     mx.eval(model.parameters())
     return model

@@ -7,6 +7,9 @@ import MLXNN
 #if os(iOS)
 import os
 #endif
+#if canImport(Darwin)
+import Darwin
+#endif
 
 /// One text-to-video request. `frames` must be `4k + 1` (the decoder makes 4 frames per latent after
 /// the first); `height` and `width` multiples of 16 (8x decoder upscale, 2x2 DiT patches).
@@ -37,6 +40,8 @@ public struct GenerationRequest: Sendable {
 /// arrays (or pixel buffers) only.
 public final class LightningVideoPipeline {
     public let folder: ModelFolder
+    /// Wall time and peak memory of every stage run so far, in order (see `benchmarkJSON`).
+    public private(set) var measurements: [StageMeasurement] = []
 
     /// Defaults for an 8 GB iPhone 16 Pro Max. With the `com.apple.developer.kernel.increased-memory-limit`
     /// entitlement an app may use well above half of the RAM; MLX is kept below 4.5 GB (and below what the
@@ -89,8 +94,23 @@ public final class LightningVideoPipeline {
         return [1, (request.frames + decoder.framesToTrim) / up, request.height / space, request.width / space, dit.inChannels]
     }
 
+    /// Run one stage, recording its wall time, MLX's peak memory during it and the process footprint.
+    func measured<T>(_ stage: String, _ body: () throws -> T) rethrows -> T {
+        Memory.peakMemory = 0  // resets the peak counter (the value is ignored)
+        let start = DispatchTime.now().uptimeNanoseconds
+        let value = try body()
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        measurements.append(StageMeasurement(
+            stage: stage, seconds: seconds, peakMemoryBytes: Memory.peakMemory, footprintBytes: processFootprintBytes()))
+        return value
+    }
+
     /// Stage 1: prompt -> UMT5 embeddings `[1, textLen, dim]` (fp32). The encoder is freed on return.
     public func encodePrompt(_ prompt: String) throws -> MLXArray {
+        try measured("encode") { try encodePromptUnmeasured(prompt) }
+    }
+
+    func encodePromptUnmeasured(_ prompt: String) throws -> MLXArray {
         let tokenizer = try folder.loadTokenizer()
         let ids = tokenizer.encode(prompt)
         let context: MLXArray
@@ -107,6 +127,14 @@ public final class LightningVideoPipeline {
     public func denoise(
         context: MLXArray, latentShape: [Int], seed: UInt64,
         progress: ((Int, Int, Double) -> Void)? = nil
+    ) throws -> MLXArray {
+        try measured("denoise") {
+            try denoiseUnmeasured(context: context, latentShape: latentShape, seed: seed, progress: progress)
+        }
+    }
+
+    func denoiseUnmeasured(
+        context: MLXArray, latentShape: [Int], seed: UInt64, progress: ((Int, Int, Double) -> Void)?
     ) throws -> MLXArray {
         guard let samplerConfig = folder.configuration.sampler else {
             throw LightningVideoError.missingComponent("sampler section", folder.url)
@@ -130,6 +158,10 @@ public final class LightningVideoPipeline {
     /// Stage 3: latents -> RGB frames in [0, 1], streamed: `onFrames` gets `[1, n, H, W, 3]` per latent
     /// frame (evaluated) as soon as it is decoded.
     public func decode(latents: MLXArray, onFrames: (MLXArray) throws -> Void) throws {
+        try measured("decode") { try decodeUnmeasured(latents: latents, onFrames: onFrames) }
+    }
+
+    func decodeUnmeasured(latents: MLXArray, onFrames: (MLXArray) throws -> Void) throws {
         do {
             let stream = TAEHVDecoderStream(try folder.loadDecoder())
             for t in 0 ..< latents.dim(1) {
@@ -150,5 +182,74 @@ public final class LightningVideoPipeline {
         var frames = [MLXArray]()
         try decode(latents: latents) { frames.append($0.asType(.float32)) }
         return concatenated(frames, axis: 1)[0]
+    }
+}
+
+/// Wall time and peak memory of one pipeline stage.
+public struct StageMeasurement: Sendable {
+    public var stage: String
+    public var seconds: Double
+    /// `Memory.peakMemory` over the stage (MLX's allocator high-water mark; weights loaded in it included).
+    public var peakMemoryBytes: Int
+    /// The process footprint when the stage ended (iOS/macOS `phys_footprint`, what jetsam counts; Linux RSS).
+    public var footprintBytes: Int
+}
+
+/// The process's memory footprint in bytes (0 when the OS does not say).
+public func processFootprintBytes() -> Int {
+    #if canImport(Darwin)
+    var info = task_vm_info_data_t()
+    var count = mach_msg_type_number_t(MemoryLayout<task_vm_info_data_t>.size / MemoryLayout<integer_t>.size)
+    let result = withUnsafeMutablePointer(to: &info) {
+        $0.withMemoryRebound(to: integer_t.self, capacity: Int(count)) {
+            task_info(mach_task_self_, task_flavor_t(TASK_VM_INFO), $0, &count)
+        }
+    }
+    return result == KERN_SUCCESS ? Int(info.phys_footprint) : 0
+    #else
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return 0 }
+    for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+        return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+    }
+    return 0
+    #endif
+}
+
+extension LightningVideoPipeline {
+    /// The measurements of a run as `mlx-video bench` JSON (schema `mlx-video-bench/1`): one row per stage
+    /// (`model:encode`, `model:denoise`, `model:decode`) and `model:end_to_end`, for
+    /// `mlx-video bench --import FILE` to put beside the machine's own rows.
+    public func benchmarkJSON(request: GenerationRequest, label: String? = nil, command: String = "") throws -> Data {
+        var system = utsname()
+        uname(&system)
+        let machine = withUnsafeBytes(of: &system.machine) { raw in
+            String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+        }
+        let info = ProcessInfo.processInfo
+        let video = [request.height, request.width, request.frames]
+        let shape = "\(request.height)x\(request.width)x\(request.frames)"
+        let model = folder.url.lastPathComponent
+        let method = "lightning-video (Swift, mlx-swift) staged pipeline on \(label ?? machine); one run, models "
+            + "loaded inside their stage"
+        func row(_ stage: String, _ seconds: Double, _ peak: Int, _ footprint: Int) -> [String: Any] {
+            let time: [String: Any] = ["median_s": seconds, "min_s": seconds, "max_s": seconds, "spread": 0.0,
+                                       "stdev_s": 0.0, "repeats": 1, "samples_s": [seconds]]
+            return ["stage": "model:\(stage)", "model": model, "shape": shape, "video": video, "method": method,
+                    "mlx": ["time": time, "full_model_time_s": seconds,
+                            "memory": ["mlx_peak_bytes": peak, "footprint_bytes": footprint]] as [String: Any]]
+        }
+        var rows = measurements.map { row($0.stage, $0.seconds, $0.peakMemoryBytes, $0.footprintBytes) }
+        rows.append(row("end_to_end", measurements.reduce(0) { $0 + $1.seconds },
+                        measurements.map(\.peakMemoryBytes).max() ?? 0,
+                        measurements.map(\.footprintBytes).max() ?? 0))
+        let document: [String: Any] = [
+            "schema": "mlx-video-bench/1", "mode": "device", "command": command,
+            "created": ISO8601DateFormatter().string(from: Date()),
+            "machine": ["label": label ?? machine, "machine": machine, "platform": info.operatingSystemVersionString,
+                        "cpus": info.activeProcessorCount, "memory_bytes": Int(info.physicalMemory)] as [String: Any],
+            "backend": ["mlx_device": "mlx-swift on \(machine)"],
+            "versions": ["lightning-video": ModelFiles.format], "stages": rows, "notes": [String](),
+        ]
+        return try JSONSerialization.data(withJSONObject: document, options: [.prettyPrinted, .sortedKeys])
     }
 }

@@ -10,17 +10,22 @@ import ImageIO
 import UniformTypeIdentifiers
 #endif
 
-let usage = """
+let usageText = """
     usage: lightning-video MODEL_DIR PROMPT [--frames 21] [--height 480] [--width 832] [--seed 0] [--out frames]
+                           [--bench-json FILE] [--label NAME]
 
     Runs the staged pipeline (text encoder, DiT with the exported sampler, streaming TAEHV decode) and writes
     one PNG per frame into --out. MODEL_DIR is the package's Model folder (or any exported model folder).
+    --bench-json FILE writes each stage's wall time and peak memory (Memory.peakMemory and the process
+    footprint) as `mlx-video bench` JSON, for `mlx-video bench --import FILE`; --label names the device.
     """
 
 struct Options {
     var model = URL(fileURLWithPath: ".")
     var request = GenerationRequest(prompt: "")
     var output = URL(fileURLWithPath: "frames")
+    var benchJSON: URL? = nil
+    var label: String? = nil
 }
 
 enum CommandLineError: Error, CustomStringConvertible {
@@ -28,7 +33,7 @@ enum CommandLineError: Error, CustomStringConvertible {
 
     var description: String {
         switch self {
-        case .usage(let message): return message + "\n\n" + usage
+        case .usage(let message): return message + "\n\n" + usageText
         }
     }
 }
@@ -55,6 +60,8 @@ func parseOptions(_ arguments: [String]) throws -> Options {
         case "--width": options.request.width = try integer(argument)
         case "--seed": options.request.seed = UInt64(try integer(argument))
         case "--out": options.output = URL(fileURLWithPath: try value(argument))
+        case "--bench-json": options.benchJSON = URL(fileURLWithPath: try value(argument))
+        case "--label": options.label = try value(argument)
         case "-h", "--help": throw CommandLineError.usage("")
         default: positional.append(argument)
         }
@@ -108,6 +115,16 @@ do {
         }
     }
     print("wrote \(written) frames to \(options.output.path) in \(String(format: "%.1f", Date().timeIntervalSince(start))) s")
+    for m in pipeline.measurements {
+        print("\(m.stage): \(String(format: "%.2f", m.seconds)) s, MLX peak \(m.peakMemoryBytes / 1_048_576) MB, "
+            + "footprint \(m.footprintBytes / 1_048_576) MB")
+    }
+    if let url = options.benchJSON {
+        let command = (["lightning-video"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
+        try pipeline.benchmarkJSON(request: options.request, label: options.label, command: command)
+            .write(to: url, options: .atomic)
+        print("wrote \(url.path) (import with `mlx-video bench --import \(url.lastPathComponent)`)")
+    }
 } catch {
     FileHandle.standardError.write("lightning-video: \(error)\n".data(using: .utf8)!)
     exit(1)

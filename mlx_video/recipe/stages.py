@@ -1,0 +1,391 @@
+"""The three recipe stages, each writing its component into one ordinary model folder.
+
+1. ``autoencoder``: TAEHV (``models/taehv.py``) at small widths, 16 latent channels, 8x spatial and 4x
+   temporal compression, trained on world clips and images (MSE with shape pixels weighted up, plus a penalty keeping the latents near unit
+   scale). Writes ``decoder.safetensors``
+   (encoder included).
+2. ``text``: a sentencepiece model trained on every world caption, and a small UMT5 encoder
+   (``models/umt5.py``) pre-trained by masked-token prediction (tied embedding head) on captions. Frozen
+   afterwards, as Wan's T5 is. Writes ``spiece.model`` and ``text_encoder.safetensors``.
+3. ``teacher``: a small Wan DiT (``models/wan_dit.py``) trained with flow matching on the autoencoder's
+   latents of a fixed pool of clips (and images), timesteps drawn uniformly over the shift-5 schedule as
+   Wan trains, captions dropped 10% of the time (the empty prompt) so that classifier-free guidance works.
+   Writes ``dit.safetensors`` and a UniPC + CFG ``sampler`` section.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .. import fsio
+from ..models import taehv, umt5, wan_dit
+from ..utils import CONFIG_NAME, MLX_VIDEO_FORMAT, config_to_dict, parameter_count, read_config
+from . import nets, world
+from .train import RecipeError, Stage, check_stage, run
+
+TEXT_DIM = 64
+VOCAB_SIZE = 128
+CAPTION_DROPOUT = 0.1
+TRAIN_SHIFT = 5.0  # Wan's flow-matching shift; the sampler section uses the same
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class Sizes:
+    """Model widths and data settings (``default``: the real recipe; ``smoke``: seconds, for CI)."""
+
+    ae_decoder: tuple = (32, 24, 16, 12)
+    ae_encoder: int = 16
+    ae_batch: int = 2
+    ae_frames: int = 5
+    text_layers: int = 2
+    text_batch: int = 64
+    dit_dim: int = 128
+    dit_layers: int = 4
+    dit_heads: int = 4
+    dit_ffn: int = 384
+    dit_batch: int = 32
+    pool_clips: int = 1024
+    pool_images: int = 128
+    image_fraction: float = 0.1
+
+
+SIZES = {"default": Sizes(), "smoke": Sizes(ae_decoder=(8, 8, 8, 8), ae_encoder=8, ae_batch=1, ae_frames=1,
+                                             text_batch=8, dit_dim=64, dit_layers=2, dit_heads=2, dit_ffn=128,
+                                             dit_batch=8, pool_clips=8, pool_images=4)}
+
+
+def ensure_model_folder(out: Path) -> None:
+    """Create an empty model folder (only ``config.json``) so training state can live inside it."""
+    if (out / CONFIG_NAME).exists():
+        read_config(out)  # a clear error if it is not ours
+        return
+    with fsio.atomic_model_folder(out) as tmp:
+        (tmp / CONFIG_NAME).write_text(f'{{"format": "{MLX_VIDEO_FORMAT}"}}\n')
+
+
+def write_component(out: Path, files: dict[str, object], section: str, value: dict, extra: dict | None = None) -> None:
+    """Atomically add a component: ``files`` (name -> weights dict or bytes) and its config section."""
+    from converters.common import update_config
+
+    with fsio.atomic_model_folder(out, replace=tuple(files)) as tmp:
+        for name, data in files.items():
+            if isinstance(data, bytes):
+                (tmp / name).write_bytes(data)
+            else:
+                mx.save_safetensors(str(tmp / name), data, metadata={"format": "mlx"})
+        update_config(tmp, out, section, value)
+        for key, val in (extra or {}).items():
+            update_config(tmp, tmp, key, val)
+
+
+def _seed_init(seed: int, offset: int) -> None:
+    mx.random.seed(seed * 1000 + offset)
+
+
+def _flat(model) -> dict:
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Autoencoder
+# --------------------------------------------------------------------------------------------------
+
+LATENT_PENALTY = 1e-3  # weight of (mean(z^2) - 1)^2: latents near unit scale, like Wan's normalised ones
+FOREGROUND_WEIGHT = 10.0
+
+
+def autoencoder_config(sizes: Sizes) -> taehv.TAEHVConfig:
+    return taehv.TAEHVConfig(latent_channels=16, decoder_channels=list(sizes.ae_decoder),
+                             encoder_channels=sizes.ae_encoder, depth=1, has_encoder=True)
+
+
+def he_init(model: taehv.TAEHV) -> None:
+    """He-uniform convolutions, and the last conv of each MemBlock scaled down so blocks start near identity.
+
+    TAEHV has no normalisation layers: with PyTorch's default init the signal shrinks ~2.4x per ReLU conv,
+    the decoder's output starts independent of its input, and training sits on the mean-colour plateau.
+    """
+    from mlx.utils import tree_flatten
+
+    updates = []
+    for name, w in tree_flatten(model.parameters()):
+        if name.endswith(".weight") and w.ndim == 4:
+            bound = math.sqrt(6.0 / (w.shape[1] * w.shape[2] * w.shape[3]))
+            if ".conv.4." in name:
+                bound *= 0.1
+            updates.append((name, mx.random.uniform(-bound, bound, w.shape)))
+    model.load_weights(updates, strict=False)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def heldout_clips(n: int, frames: int = world.FRAMES) -> np.ndarray:
+    """Clips no training run sees (seeds far outside the training streams)."""
+    rng = np.random.default_rng([7, 7, 7])
+    return np.stack([world.render_clip(world.sample_scene(rng), frames) for _ in range(n)])
+
+
+def autoencoder_psnr(model: taehv.TAEHV, clips: np.ndarray, batch: int = 4) -> dict:
+    """Round-trip PSNR (dB, frames in [0, 1]) and latent statistics over ``clips``."""
+    values, zs = [], []
+    for s in range(0, len(clips), batch):
+        x = mx.array(clips[s:s + batch])
+        z = taehv.encode(model, x)
+        y = taehv.decode(model, z)
+        mx.eval(y)
+        zs.append(np.array(z))
+        values += [psnr(np.array(y[i]), clips[s + i]) for i in range(x.shape[0])]
+    z = np.concatenate(zs)
+    return {"psnr_db": float(np.mean(values)), "psnr_db_min": float(np.min(values)), "clips": len(values),
+            "latent_mean": float(z.mean()), "latent_std": float(z.std())}
+
+
+def train_autoencoder(out: Path, steps: int, seed: int, resume: bool, sizes: Sizes, checkpoint_every: int = 100,
+                      lr: float = 5e-4, progress: bool = True, stop_after: int | None = None) -> dict:
+    cfg = autoencoder_config(sizes)
+    stage = Stage("autoencoder", out, steps, seed, {"config": config_to_dict(cfg), "batch": sizes.ae_batch,
+                                                    "frames": sizes.ae_frames, "lr": lr}, checkpoint_every, resume,
+                  lr=lr, warmup=20, progress=progress, stop_after=stop_after)
+    check_stage(stage)  # bad flags and wrong resume folders fail before anything is written
+    ensure_model_folder(out)
+    _seed_init(seed, 1)
+    model = taehv.TAEHV(cfg)
+    he_init(model)
+    frames = sizes.ae_frames
+
+    def batch_fn(step):
+        clips, _, _ = world.batch(seed, step, sizes.ae_batch, frames, image_fraction=sizes.image_fraction)
+        return (mx.array(clips),)
+
+    def loss_fn(model, x):
+        z = nets.taehv_encode(model, x)
+        y = nets.taehv_decode(model, z)
+        # Shape pixels weigh FOREGROUND_WEIGHT times more (the corner pixel is always background): without
+        # it the small shapes stay a blur for hundreds of steps (the background-only plateau).
+        fg = mx.sum(mx.abs(x - x[:, :, :1, :1]), axis=-1, keepdims=True) > 0.05
+        w = 1.0 + FOREGROUND_WEIGHT * fg
+        return mx.sum(w * (y - x) ** 2) / mx.sum(w * mx.ones_like(x)) + LATENT_PENALTY * (mx.mean(z * z) - 1.0) ** 2
+
+    summary = run(stage, model, loss_fn, batch_fn)
+    if not summary["finished"]:
+        return summary
+    evaluation = autoencoder_psnr(model, heldout_clips(16 if steps > 20 else 2))
+    summary["heldout"] = evaluation
+    weights = _flat(model)
+    write_component(out, {taehv.WEIGHTS_NAME: weights}, "decoder", {
+        **config_to_dict(cfg), "weights_file": taehv.WEIGHTS_NAME, "dtype": "float32",
+        "parameters": parameter_count(model),
+        "summary": f"recipe TAEHV trained on the shapes world ({steps} steps, held-out PSNR "
+                   f"{evaluation['psnr_db']:.1f} dB)", "recipe": summary_short(summary)})
+    return summary
+
+
+def summary_short(summary: dict) -> dict:
+    return {k: summary.get(k) for k in ("steps", "seed", "wall_seconds", "loss_first", "loss_last", "heldout")
+            if summary.get(k) is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Text encoder
+# --------------------------------------------------------------------------------------------------
+
+MASK_ID = 2  # <unk> doubles as the mask token of the masked-token pre-training
+MASK_RATE = 0.25
+
+
+def train_sentencepiece() -> bytes:
+    """Deterministic: one thread over the fixed caption list."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(world.all_captions()), model_writer=buf,
+                                   vocab_size=VOCAB_SIZE, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, character_coverage=1.0, minloglevel=2, num_threads=1)
+    return buf.getvalue()
+
+
+def text_config(vocab: int, text_len: int, sizes: Sizes) -> umt5.UMT5Config:
+    return umt5.UMT5Config(vocab_size=vocab, dim=TEXT_DIM, dim_attn=TEXT_DIM, dim_ffn=2 * TEXT_DIM, num_heads=4,
+                           num_layers=sizes.text_layers, text_len=text_len)
+
+
+def train_text(out: Path, steps: int, seed: int, resume: bool, sizes: Sizes, checkpoint_every: int = 100,
+               lr: float = 2e-3, progress: bool = True, stop_after: int | None = None) -> dict:
+    from ..tokenizer import Tokenizer
+
+    model_bytes = train_sentencepiece()
+    tmp_file = out.parent / f".{out.name}.spiece-{seed}.model"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file.write_bytes(model_bytes)
+    try:
+        tok = Tokenizer(tmp_file)
+    finally:
+        tmp_file.unlink()
+    longest = max(len(tok.encode(c)) for c in world.all_captions())
+    text_len = max(16, 8 * math.ceil((longest + 4) / 8))
+    tok.max_length = text_len
+    cfg = text_config(tok.vocab_size, text_len, sizes)
+    stage = Stage("text", out, steps, seed, {"config": config_to_dict(cfg), "batch": sizes.text_batch, "lr": lr,
+                                             "tokenizer_sha256": tok.fingerprint}, checkpoint_every, resume, lr=lr,
+                  warmup=20, weight_decay=0.01, progress=progress, stop_after=stop_after)
+    check_stage(stage)  # bad flags and wrong resume folders fail before anything is written
+    ensure_model_folder(out)
+    _seed_init(seed, 2)
+    model = umt5.UMT5Encoder(cfg)
+    model.token_embedding.weight = mx.random.normal(model.token_embedding.weight.shape)  # T5 embeddings are O(1)
+
+    def batch_fn(step):
+        rng = np.random.default_rng([seed, step, 2])
+        caps = [world.caption(world.sample_scene(rng), rng, image=bool(rng.uniform() < sizes.image_fraction))
+                for _ in range(sizes.text_batch)]
+        ids = np.zeros((len(caps), text_len), np.int32)
+        valid = np.zeros((len(caps), text_len), bool)
+        for i, c in enumerate(caps):
+            t = tok.encode(c)
+            ids[i, :len(t)], valid[i, :len(t)] = t, True
+        masked = valid & (ids != tok.eos_id) & (rng.uniform(size=ids.shape) < MASK_RATE)
+        inputs = np.where(masked, MASK_ID, ids)
+        return mx.array(inputs), mx.array(valid), mx.array(ids), mx.array(masked.astype(np.float32))
+
+    def loss_fn(model, inputs, valid, targets, masked):
+        h = nets.umt5_forward(model, inputs, valid)
+        logits = h @ model.token_embedding.weight.T
+        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return mx.sum(ce * masked) / mx.maximum(mx.sum(masked), 1.0)
+
+    summary = run(stage, model, loss_fn, batch_fn)
+    if not summary["finished"]:
+        return summary
+    write_component(out, {umt5.WEIGHTS_NAME: _flat(model), umt5.TOKENIZER_NAME: model_bytes}, "text_encoder", {
+        **config_to_dict(cfg), "weights_file": umt5.WEIGHTS_NAME, "dtype": "float32",
+        "parameters": parameter_count(model), "tokenizer_file": umt5.TOKENIZER_NAME,
+        "tokenizer_sha256": tok.fingerprint, "tokenizer_vocab_size": tok.vocab_size,
+        "summary": f"recipe UMT5 ({cfg.num_layers} layers, width {cfg.dim}) pre-trained by masked-token prediction "
+                   f"on world captions ({steps} steps)", "recipe": summary_short(summary)})
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Teacher DiT
+# --------------------------------------------------------------------------------------------------
+
+
+def dit_config(sizes: Sizes, text_len: int) -> wan_dit.WanDiTConfig:
+    return wan_dit.WanDiTConfig(dim=sizes.dit_dim, num_layers=sizes.dit_layers, self_attn_heads=sizes.dit_heads,
+                                cross_attn_heads=sizes.dit_heads, ffn_dim=sizes.dit_ffn,
+                                head_dim=sizes.dit_dim // sizes.dit_heads, text_dim=TEXT_DIM, text_len=text_len)
+
+
+def caption_table(out: Path, scenes: list) -> tuple[np.ndarray, dict[str, int]]:
+    """Runtime text embeddings (``umt5.encode_prompts``, exactly what ``generate`` computes) of every caption
+    the scenes can get and of the empty prompt (the CFG branch and the dropped caption): ``[N, text_len, dim]``."""
+    from ..tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out)
+    enc = umt5.load(out)
+    texts = [""] + sorted({c for s in scenes for c in world.scene_captions(s)})
+    rows = []
+    for s in range(0, len(texts), 256):
+        rows.append(np.array(umt5.encode_prompts(enc, tok, texts[s:s + 256])))
+    return np.concatenate(rows), {t: i for i, t in enumerate(texts)}
+
+
+def latent_pool(out: Path, seed: int, clips: int, images: int, progress: bool) -> dict:
+    """Autoencoder latents of a fixed, seeded pool of clips and images (encoded once, in batches)."""
+    ae = taehv.load(out, encoder=True)
+    rng = np.random.default_rng([seed, 3])
+    pool = {}
+    for kind, n, frames in (("clips", clips, world.FRAMES), ("images", images, 1)):
+        scenes = [world.sample_scene(rng) for _ in range(n)]
+        lat = []
+        it = range(0, n, 8)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"encode {kind}", unit="batch", leave=False)
+        for s in it:
+            x = mx.array(np.stack([world.render_clip(sc, frames) for sc in scenes[s:s + 8]]))
+            z = taehv.encode(ae, x)
+            mx.eval(z)
+            lat.append(np.array(z))
+        pool[kind] = (np.concatenate(lat), scenes)
+    return pool
+
+
+def shifted_sigmas(u: np.ndarray, shift: float = TRAIN_SHIFT) -> np.ndarray:
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def train_teacher(out: Path, steps: int, seed: int, resume: bool, sizes: Sizes, checkpoint_every: int = 100,
+                  lr: float = 1e-3, progress: bool = True, stop_after: int | None = None) -> dict:
+    config = read_config(out) if (out / CONFIG_NAME).exists() else {}
+    missing = [name for name, stage in (("decoder", "autoencoder"), ("text_encoder", "text")) if name not in config]
+    if missing:
+        need = " and ".join(f"`mlx-video recipe {s} --out {out}`" for n, s in
+                            (("decoder", "autoencoder"), ("text_encoder", "text")) if n in missing)
+        raise RecipeError(f"{out} has no {' or '.join(missing)} yet; the teacher trains on them: run {need} first")
+    if not config["decoder"].get("has_encoder"):
+        raise RecipeError(f"{out}: the autoencoder has no encoder weights; the teacher needs them to make latents")
+    text_len = int(config["text_encoder"]["text_len"])
+    cfg = dit_config(sizes, text_len)
+    hparams = {"config": config_to_dict(cfg), "batch": sizes.dit_batch, "lr": lr, "pool": [sizes.pool_clips,
+               sizes.pool_images], "shift": TRAIN_SHIFT, "caption_dropout": CAPTION_DROPOUT,
+               "decoder_sha": config["decoder"].get("summary"), "text_sha": config["text_encoder"]["tokenizer_sha256"]}
+    stage = Stage("teacher", out, steps, seed, hparams, checkpoint_every, resume, lr=lr, warmup=100,
+                  weight_decay=0.01, progress=progress, stop_after=stop_after)
+    check_stage(stage)  # before the (slow) latent pool
+    t0 = time.perf_counter()
+    pool = latent_pool(out, seed, sizes.pool_clips, sizes.pool_images, progress)
+    table, index = caption_table(out, pool["clips"][1] + pool["images"][1])
+    prep_seconds = time.perf_counter() - t0
+    empty = index[""]
+    _seed_init(seed, 3)
+    model = wan_dit.WanDiT(cfg)
+    model.head.linear.weight = mx.zeros_like(model.head.linear.weight)  # DiT-style zero-initialised output
+
+    def batch_fn(step):
+        rng = np.random.default_rng([seed, step, 3])
+        kind = "images" if rng.uniform() < sizes.image_fraction else "clips"
+        latents, scenes = pool[kind]
+        idx = rng.integers(len(scenes), size=sizes.dit_batch)
+        x0 = latents[idx]
+        caps = [world.caption(scenes[i], rng, image=kind == "images") for i in idx]
+        rows = [empty if rng.uniform() < CAPTION_DROPOUT else index[c] for c in caps]
+        sigma = shifted_sigmas(rng.uniform(size=len(idx)))
+        eps = rng.standard_normal(x0.shape).astype(np.float32)
+        s = sigma.reshape(-1, 1, 1, 1, 1).astype(np.float32)
+        xt = (1 - s) * x0 + s * eps
+        tf = wan_dit.sinusoidal_embedding(sigma * NUM_TRAIN_TIMESTEPS, cfg.freq_dim)
+        return mx.array(xt), tf, mx.array(table[rows]), mx.array(eps - x0)
+
+    def loss_fn(model, xt, tf, ctx, target):
+        return mx.mean((nets.dit_forward(model, xt, tf, ctx) - target) ** 2)
+
+    summary = run(stage, model, loss_fn, batch_fn)
+    summary["prepare_seconds"] = round(prep_seconds, 2)
+    if not summary["finished"]:
+        return summary
+    latents = pool["clips"][0]
+    summary["latent_std"] = float(latents.std())
+    write_component(out, {wan_dit.WEIGHTS_NAME: _flat(model)}, "dit", {
+        **config_to_dict(cfg), "weights_file": wan_dit.WEIGHTS_NAME, "dtype": "float32",
+        "parameters": parameter_count(model), "source_layout": "mlx-video recipe teacher",
+        "recipe": summary_short(summary) | {"prepare_seconds": summary["prepare_seconds"]}},
+        extra={"sampler": {"name": "unipc", "steps": 50, "shift": TRAIN_SHIFT, "guidance": 5.0},
+               "world": {"height": world.RESOLUTION, "width": world.RESOLUTION, "frames": world.FRAMES,
+                         "fps": world.FPS, "note": "trained on the mlx-video recipe shapes world; see "
+                                                   "`mlx-video eval` for its prompt-faithfulness score"}})
+    return summary

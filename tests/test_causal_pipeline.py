@@ -1,0 +1,107 @@
+"""`convert --sampler self-forcing` and `mlx-video generate` on a causal folder: block-by-block generation
+streamed through the TAEHV decoder into the video, events, and clear errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_video import causal, pipeline, sampling
+from mlx_video.cli import main
+from mlx_video.models import taehv, wan_dit
+from mlx_video.video import video_info
+from tests.model_factory import build_model_folder
+
+PROMPT = "a red fox running through snow"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = build_model_folder(tmp_path_factory.mktemp("causal"), quantize=False)
+    assert main(["convert", "--sampler", "self-forcing", "--mlx-path", str(folder)]) == 0
+    return folder
+
+
+def request(frames=21, **kw):
+    return pipeline.GenerationRequest(prompt=PROMPT, height=32, width=48, frames=frames, seed=3, **kw)
+
+
+def test_convert_records_the_preset(model):
+    section = json.loads((model / "config.json").read_text())["sampler"]
+    assert section["preset"] == "self-forcing" and section["causal"]["frames_per_block"] == 3
+    assert section["shift"] == 5.0 and section["warp"] is True and section["causal"]["max_frames"] == 21
+
+
+def test_generate_streams_blocks_into_the_video(model, tmp_path):
+    events = []
+    out = tmp_path / "v.mp4"
+    result = pipeline.generate(model, request(), out, events=events.append, keep_models=True)
+    assert video_info(out).frames == 21
+    kinds = [e["event"] for e in events]
+    blocks = [i for i, k in enumerate(kinds) if k == "block"]
+    assert len(blocks) == 2  # 6 latent frames in blocks of 3
+    # frames are written while the second block is still to come
+    assert blocks[0] < kinds.index("first_frame") < kinds.index("frames") < blocks[1]
+    meta = json.loads((tmp_path / "v.mp4.json").read_text())
+    assert meta["causal"]["time_to_first_frame_s"] > 0 and len(meta["causal"]["seconds_per_block"]) == 2
+    assert "generate" in meta["stages"] and "denoise" not in meta["stages"]
+
+    # the same run through the Python API (same seed, same re-noising draws) gives the same latents
+    dit = wan_dit.load(model)
+    from mlx_video.models import umt5
+    from mlx_video.tokenizer import load_tokenizer
+
+    context = umt5.encode_prompts(umt5.load(model), load_tokenizer(model), [PROMPT])
+    section = json.loads((model / "config.json").read_text())["sampler"]
+    latents = causal.causal_sample(dit, dit.prepare_text(context), sampling.latent_noise((1, 6, 4, 6, 16), 3),
+                                   sampling.sampler_config(section), causal.causal_config(section), key=3)
+    np.testing.assert_allclose(np.array(result.latents), np.array(latents), rtol=0, atol=1e-5)
+
+    # streaming decode of the blocks equals decoding all latents at once
+    decoder = taehv.load(model)
+    streamed = mx.concatenate(list(taehv.decode_stream(decoder, iter([latents[:, :3], latents[:, 3:]]),
+                                                       per_latent=True)), axis=1)
+    np.testing.assert_allclose(np.array(streamed), np.array(taehv.decode(decoder, latents)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("frames,match", [(13, "do not split into blocks of 3"),
+                                          (93, "exceed this model's KV cache of 21 frames")])
+def test_bad_frame_counts_exit_2_and_write_nothing(model, tmp_path, capsys, frames, match):
+    out = tmp_path / "x.mp4"
+    code = main(["generate", "--model", str(model), "--prompt", PROMPT, "--height", "32", "--width", "48",
+                 "--frames", str(frames), "--output", str(out), "--quiet", "--no-prompt-cache"])
+    assert code == 2 and match in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bidirectional_sampler_on_a_causal_model_is_refused(model, tmp_path, capsys):
+    code = main(["generate", "--model", str(model), "--prompt", PROMPT, "--height", "32", "--width", "48",
+                 "--frames", "9", "--sampler", "unipc", "--output", str(tmp_path / "x.mp4"), "--quiet",
+                 "--no-prompt-cache"])
+    assert code == 2 and "block-causal" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bidirectional_folder_is_unchanged(model, tmp_path):
+    """Recording a bidirectional sampler again removes the causal settings."""
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    assert main(["convert", "--sampler", "fewstep", "--mlx-path", str(folder)]) == 0
+    assert causal.causal_config(json.loads((folder / "config.json").read_text())["sampler"]) is None
+
+
+def test_cli_reports_blocks_and_time_to_first_frame(model, tmp_path, capsys):
+    base = ["generate", "--model", str(model), "--prompt", PROMPT, "--height", "16", "--width", "16",
+            "--no-prompt-cache"]
+    assert main(base + ["--output", str(tmp_path / "a.mp4")]) == 0  # no --frames: the causal default, 81
+    assert "time to first frame" in capsys.readouterr().err and video_info(tmp_path / "a.mp4").frames == 81
+    base += ["--frames", "9"]
+    assert main(base + ["--output", str(tmp_path / "b.mp4"), "--json-events"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("block") == 1 and "first_frame" in kinds and kinds.count("step") == 4
+    assert events[kinds.index("block")]["kv_cache_bytes"] > 0

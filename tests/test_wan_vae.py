@@ -1,0 +1,308 @@
+"""The Wan2.1 VAE in MLX against diffusers' ``AutoencoderKLWan`` (the independent reference), its streaming,
+tiling and memory bounds, conversion from both checkpoint layouts, bad input, and ``generate --decoder``.
+
+Tolerances (fp32 on the CPU): decode and encode within 1e-5 relative (max |diff| / max |reference|) of
+diffusers; streaming vs whole-video decode and tiled vs untiled within 1e-6 on [0, 1] frames (tiling is
+exact here, the bound asked for is 1/255); peak memory equal within 2% for two lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_video import pipeline
+from mlx_video.cli import main
+from mlx_video.models import wan_vae
+from mlx_video.video import read_video
+
+MEAN = np.array(wan_vae.WAN21_MEAN, np.float32)
+STD = np.array(wan_vae.WAN21_STD, np.float32)
+
+
+def make_diffusers_vae(seed: int = 0, **kw):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**kw).eval()
+    with torch.no_grad():  # non-trivial gammas and biases (the defaults are ones and zeros)
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return vae
+
+
+def convert_folder(src, out, *extra) -> int:
+    return main(["convert", "--vae", str(src), "--mlx-path", str(out), *extra])
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def reference_decode(vae, latents: np.ndarray) -> np.ndarray:
+    """diffusers decode of DiT-space latents [B, T, H, W, 16] -> [-1, 1] frames [B, F, H, W, 3]."""
+    z = torch.from_numpy(latents * STD + MEAN).permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+        return vae.decode(z).sample.permute(0, 2, 3, 4, 1).numpy()
+
+
+def reference_encode(vae, frames: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(frames * 2 - 1).permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+        mu = vae.encode(x).latent_dist.mean.permute(0, 2, 3, 4, 1).numpy()
+    return (mu - MEAN) / STD
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A small random AutoencoderKLWan (base width 8, the Wan2.1 structure) and its converted MLX folder."""
+    d = tmp_path_factory.mktemp("small_vae")
+    vae = make_diffusers_vae(base_dim=8)
+    vae.save_pretrained(d / "vae")
+    assert convert_folder(d / "vae", d / "mlx") == 0
+    return vae, d, wan_vae.load(d / "mlx", encoder=True)
+
+
+def latents(t, h, w, seed=0):
+    return np.random.RandomState(seed).randn(1, t, h, w, 16).astype(np.float32)
+
+
+def test_decode_and_encode_match_diffusers_small_config(small):
+    vae, _, model = small
+    lat = latents(3, 4, 6)
+    ref = reference_decode(vae, lat)
+    out = np.array(wan_vae.decode(model, mx.array(lat)))
+    assert out.shape == (1, 9, 32, 48, 3) == ref.shape
+    assert (np.abs(ref) >= 1).mean() < 0.05  # mostly unclamped: the comparison sees the decoder's values
+    assert rel_error(out * 2 - 1, ref) <= 1e-5
+    frames = np.random.RandomState(1).rand(1, 9, 32, 48, 3).astype(np.float32)  # chunks 1 + 4 + 4
+    ref_z = reference_encode(vae, frames)
+    z = np.array(wan_vae.encode(model, mx.array(frames)))
+    assert z.shape == ref_z.shape == (1, 3, 4, 6, 16)
+    assert rel_error(z, ref_z) <= 1e-5
+
+
+def test_real_channel_widths_match_diffusers_on_a_tiny_latent(tmp_path):
+    """The real Wan2.1 config (base 96, 127M parameters) on a 2 x 4 x 4 latent (5 frames of 32 x 32)."""
+    vae = make_diffusers_vae(seed=1)
+    vae.save_pretrained(tmp_path / "vae")
+    assert convert_folder(tmp_path / "vae", tmp_path / "mlx") == 0
+    model = wan_vae.load(tmp_path / "mlx", encoder=True)
+    assert model.config.base_dim == 96 and model.config.dim_mult == [1, 2, 4, 4]
+    lat = latents(2, 4, 4, seed=2)
+    out = np.array(wan_vae.decode(model, mx.array(lat)))
+    assert out.shape == (1, 5, 32, 32, 3)
+    assert rel_error(out * 2 - 1, reference_decode(vae, lat)) <= 1e-5
+    frames = np.random.RandomState(3).rand(1, 5, 32, 32, 3).astype(np.float32)
+    assert rel_error(np.array(wan_vae.encode(model, mx.array(frames))), reference_encode(vae, frames)) <= 1e-5
+
+
+def test_streaming_equals_whole_video_decoding(small):
+    _, _, model = small
+    lat = mx.array(latents(4, 6, 8, seed=4))
+    whole = np.array(wan_vae.decode(model, lat, parallel=True))  # every layer over all frames at once
+    frames = list(wan_vae.decode_stream(model, lat))  # one latent frame at a time, one frame out at a time
+    assert len(frames) == 13 and frames[0].shape == (1, 48, 64, 3)
+    assert np.abs(np.stack([np.array(f) for f in frames], 1) - whole).max() <= 5e-6  # fp32 summation order
+    stream = wan_vae.DecoderStream(model)  # chunks of any size (e.g. causal DiT blocks)
+    pushed = np.concatenate([np.array(stream.push(lat[:, :3])), np.array(stream.push(lat[:, 3:]))], axis=1)
+    assert np.abs(pushed - whole).max() <= 5e-6
+
+
+def test_tiled_decoding_is_within_1e_6_of_untiled(small):
+    _, _, model = small
+    lat = mx.array(latents(2, 6, 7, seed=5))
+    untiled = np.array(wan_vae.decode(model, lat))
+    tile = (None, 10, 14, 40)  # several tiles per segment, uneven grids
+    stream = wan_vae.DecoderStream(model, tile=tile)
+    sizes = [(6, 7), (12, 14), (24, 28), (48, 56)]
+    assert all(len(wan_vae.tile_grid(h, w, s)) > 1 for (h, w), s in zip(sizes[1:], stream.steps[1:]))
+    tiled = np.concatenate([np.array(stream.step(lat[:, t:t + 1])) for t in range(2)], axis=1)
+    err = np.abs(tiled - untiled).max()
+    assert err <= 1e-6, err  # exact up to fp32 rounding; far inside 1/255
+    short = wan_vae.DecoderStream(model, tile=tile)  # the halo matters: too small a halo shows seams
+    for seg in short.segments[1:]:
+        seg.halo = 1
+    bad = np.concatenate([np.array(short.step(lat[:, t:t + 1])) for t in range(2)], axis=1)
+    assert np.abs(bad - untiled).max() > 1e-4
+    with pytest.raises(ValueError, match="first is always None"):
+        wan_vae.DecoderStream(model, tile=(8, 8, 8, 8))  # segment 0 holds the attention
+
+
+def test_peak_memory_does_not_grow_with_length_and_is_predicted():
+    config = wan_vae.WanVAEConfig(base_dim=16, has_encoder=False)
+    model = wan_vae.WanVAE(config)
+    mx.eval(model.parameters())
+    shape = (1, 0, 8, 10, 16)
+    peaks = {}
+    for tile in (None, (None, None, None, 48)):
+        for t in (2, 4):
+            lat = mx.array(latents(t, 8, 10, seed=t))
+            mx.eval(lat)
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            n = sum(1 for f in wan_vae.decode_stream(model, lat, tile=tile) if mx.eval(f) is None)
+            assert n == 4 * t - 3
+            peaks[tile, t] = mx.get_peak_memory()
+        assert abs(peaks[tile, 4] - peaks[tile, 2]) <= 0.02 * peaks[tile, 2]
+        predicted = wan_vae.decoder_peak_bytes(config, shape, tile=tile)
+        assert 0.9 * peaks[tile, 4] <= predicted <= 1.5 * peaks[tile, 4], (tile, predicted, peaks)
+    # the plan at the real size (prediction only): 21 latents at 60 x 104 (81 frames of 480 x 832)
+    real, shape = wan_vae.WanVAEConfig(), (1, 21, 60, 104, 16)
+    whole = wan_vae.decoder_peak_bytes(real, shape)
+    assert wan_vae.choose_tile(real, shape, whole) is None  # whole frames when they fit
+    tile = wan_vae.choose_tile(real, shape, whole - 200 * 2**20)
+    assert tile is not None and tile[0] is None and wan_vae.decoder_peak_bytes(real, shape, tile) <= whole - 200 * 2**20
+    with pytest.raises(MemoryError, match="feature caches"):  # the caches are the floor: ~3.9 GB in fp32
+        wan_vae.choose_tile(real, shape, 3 * 2**30)
+
+
+# The original Wan key layout, written here from Wan's module structure (wan/modules/vae.py: Encoder3d /
+# Decoder3d with `downsamples` / `upsamples` Sequentials, ResidualBlock.residual = [RMS_norm, SiLU, conv,
+# RMS_norm, SiLU, Dropout, conv], `middle` = [res, attn, res], `head` = [RMS_norm, SiLU, conv], top-level
+# conv1 / conv2 around the latent) -- independently of converters/wan_vae.py's tables.
+def diffusers_to_wan_key(key: str) -> str:
+    top = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+    head, _, rest = key.partition(".")
+    if head in top:
+        return f"{top[head]}.{rest}"
+    for new, old in ((".norm1.gamma", ".residual.0.gamma"), (".conv1.", ".residual.2."), (".norm2.gamma", ".residual.3.gamma"),
+                     (".conv2.", ".residual.6."), (".conv_shortcut.", ".shortcut.")):
+        if ".resnets." in key or ".down_blocks." in key:
+            key = key.replace(new, old)
+    key = key.replace(".conv_in.", ".conv1.").replace(".norm_out.", ".head.0.").replace(".conv_out.", ".head.2.")
+    key = key.replace(".mid_block.resnets.0.", ".middle.0.").replace(".mid_block.attentions.0.", ".middle.1.")
+    key = key.replace(".mid_block.resnets.1.", ".middle.2.").replace("encoder.down_blocks.", "encoder.downsamples.")
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", key)
+    if m:  # each decoder stage: 3 residual blocks, then its resample, in one flat Sequential
+        k = 4 * int(m[1]) + (int(m[3]) if m[3] is not None else 3)
+        key = f"decoder.upsamples.{k}.{m[4]}"
+    return key
+
+
+@pytest.fixture(scope="module")
+def wan_pth(small, tmp_path_factory):
+    """The small VAE saved as an original-layout ``.pth`` (a plain state dict, as Wan2.1_VAE.pth)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    vae = small[0]
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    original = {diffusers_to_wan_key(k): v for k, v in state.items()}
+    assert len(original) == len(state)
+    # the test's key map agrees with diffusers' own single-file converter, tensor for tensor
+    back = convert_wan_vae_to_diffusers(dict(original))
+    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
+    path = tmp_path_factory.mktemp("pth") / "Wan2.1_VAE.pth"
+    torch.save(original, path)
+    return path, original
+
+
+def test_original_pth_and_diffusers_folder_convert_to_the_same_model(small, wan_pth, tmp_path):
+    _, d, _ = small
+    assert convert_folder(wan_pth[0], tmp_path / "from_pth") == 0
+    a = mx.load(str(tmp_path / "from_pth" / "vae.safetensors"))
+    b = mx.load(str(d / "mlx" / "vae.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    sec_a = json.loads((tmp_path / "from_pth" / "config.json").read_text())["vae"]
+    sec_b = json.loads((d / "mlx" / "config.json").read_text())["vae"]
+    assert sec_a["source_layout"] == "wan" and sec_b["source_layout"] == "diffusers"
+    keep = ("base_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "latents_mean", "latents_std", "z_dim")
+    assert {k: sec_a[k] for k in keep} == {k: sec_b[k] for k in keep}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("drop", "missing tensors"),
+    ("reshape", "wrong shapes"),
+    ("extra", "unexpected tensors"),
+    ("other", "not a Wan VAE checkpoint"),
+])
+def test_bad_checkpoints_fail_clearly_and_leave_nothing(wan_pth, tmp_path, capsys, damage, message):
+    state = dict(wan_pth[1])
+    if damage == "drop":
+        del state["decoder.upsamples.5.residual.6.weight"]
+    elif damage == "reshape":
+        state["decoder.head.2.weight"] = torch.zeros(3, 8, 3, 3, 1)
+    elif damage == "extra":
+        state["decoder.upsamples.99.residual.2.weight"] = torch.zeros(1)
+    else:
+        state = {"some.other.weight": torch.zeros(2, 2)}
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert convert_folder(path, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no folder, no partial files
+
+
+def test_failed_vae_conversion_leaves_an_existing_folder_unchanged(small, tmp_path, capsys):
+    _, d, _ = small
+    import shutil
+
+    shutil.copytree(d / "mlx", tmp_path / "model")
+    snapshot = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    torch.save({"decoder.conv1.weight": torch.zeros(384, 16, 3, 3, 3)}, tmp_path / "partial.pth")
+    assert convert_folder(tmp_path / "partial.pth", tmp_path / "model") == 1
+    assert "missing tensors" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == snapshot
+
+
+def test_bad_inputs_are_clear_errors(small):
+    _, _, model = small
+    with pytest.raises(ValueError, match="channels-first"):
+        wan_vae.decode(model, mx.zeros((1, 2, 16, 6, 8)))
+    with pytest.raises(ValueError, match="expects 16"):
+        wan_vae.decode(model, mx.zeros((1, 2, 6, 8, 4)))
+    with pytest.raises(ValueError, match=r"\[B, T, H, W, 16\]"):
+        wan_vae.decode(model, mx.zeros((2, 6, 8, 16)))
+    with pytest.raises(ValueError, match="floating point"):
+        wan_vae.decode(model, mx.zeros((1, 2, 6, 8, 16), dtype=mx.int32))
+    with pytest.raises(ValueError, match="4k\\+1"):
+        wan_vae.encode(model, mx.zeros((1, 6, 48, 64, 3)))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        wan_vae.encode(model, mx.zeros((1, 5, 44, 64, 3)))
+    stream = wan_vae.DecoderStream(model)
+    stream.step(mx.zeros((1, 1, 6, 8, 16)))
+    with pytest.raises(ValueError, match="changed mid-stream"):
+        stream.step(mx.zeros((1, 1, 6, 10, 16)))
+
+
+def test_generate_with_the_wan_vae_decoder_end_to_end(small, tmp_path, capsys):
+    """A tiny folder holding both decoders: TAEHV stays the default; --decoder wan-vae decodes the same
+    latents with the Wan VAE, straight into the MP4 and the PNG frames."""
+    from tests.model_factory import build_model_folder
+
+    _, d, model = small
+    folder = build_model_folder(tmp_path, quantize=False)
+    cli = ["generate", "--model", str(folder), "--prompt", "a red fox", "--height", "48", "--width", "64",
+           "--frames", "9", "--decoder", "wan-vae", "--quiet", "--no-prompt-cache"]
+    capsys.readouterr()
+    assert main(cli + ["--output", str(tmp_path / "none.mp4")]) != 0  # no vae in the folder yet
+    err = capsys.readouterr().err
+    assert "no vae" in err and "convert --vae" in err and "Traceback" not in err
+    assert not (tmp_path / "none.mp4").exists()
+    assert convert_folder(d / "vae", folder) == 0
+    cfg = json.loads((folder / "config.json").read_text())
+    assert {"decoder", "vae", "dit"} <= set(cfg)
+    request = pipeline.GenerationRequest(prompt="a red fox", height=48, width=64, frames=9, seed=3)
+    out = tmp_path / "vae.mp4"
+    result = pipeline.generate(folder, request, out, decoder="wan-vae", extra_outputs=[str(tmp_path / "png")])
+    assert result.metadata["decoder"] == "wan-vae" and "decode" in result.metadata["memory_plan"]["predicted"]
+    expected = np.array(wan_vae.decode(model, result.latents))[0]
+    png = read_video(tmp_path / "png").astype(np.float32) / 255
+    assert png.shape == (9, 48, 64, 3) and read_video(out).shape == (9, 48, 64, 3)
+    assert np.abs(png - expected).max() <= 0.5 / 255 + 1e-6  # uint8 rounding only
+    default = pipeline.generate(folder, request, tmp_path / "tae.mp4")
+    assert default.metadata["decoder"] == "taehv"
+    assert np.array_equal(np.array(default.latents), np.array(result.latents))
+    assert main(cli + ["--output", str(tmp_path / "cli.mp4")]) == 0
+    assert read_video(tmp_path / "cli.mp4").shape == (9, 48, 64, 3)
