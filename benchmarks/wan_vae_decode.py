@@ -108,7 +108,7 @@ def child(args) -> dict:
 
 
 def parent(args) -> dict:
-    import mlx_video  # noqa: F401
+    import mlx_video  # noqa: F401  (fast BLAS before MLX)
     import mlx.core as mx
     import torch
     from diffusers import AutoencoderKLWan
@@ -140,7 +140,8 @@ def parent(args) -> dict:
                        "--mode", mode, "--size", size, "--tile-budget", str(args.tile_budget)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode != 0:
-                    results.append({"mode": mode, "size": size, "error": proc.stderr.strip().splitlines()[-3:]})
+                    results.append({"mode": mode, "size": size, "exit_status": proc.returncode,  # < 0: a signal
+                                    "error": proc.stderr.strip().splitlines()[-3:]})
                     continue
                 res = json.loads(proc.stdout.strip().splitlines()[-1])
                 if "skipped" in res:

@@ -71,9 +71,20 @@ def add_parser(subparsers) -> None:
                    "block with a KV cache, as it was trained (the weights alone cannot tell)")
     p.add_argument("--select", default=None,
                    help="entry of a .pth dict to read (e.g. 'generator' instead of the default 'generator_ema')")
-    p.add_argument("--lora", default=None, metavar="FILE",
-                   help="PEFT LoRA adapter merged into the DiT weights (LongLive's lora.pt: W + B A, alpha/r = 1)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="LoRA merged into the DiT weights, W + SCALE * alpha/r * B A (repeatable; diffusers/PEFT "
+                   "lora_A/lora_B or kohya/ComfyUI lora_down/lora_up files, e.g. LongLive's lora.pt)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="checkpoint family: records its sampler (and default size) in config.json, as the weights "
+                   "alone cannot tell: " + ", ".join(_preset_names()) + " (default with --hf-path: the snapshot's "
+                   "own, e.g. wan2.1 or fastwan)")
     p.set_defaults(func=run)
+
+
+def _preset_names() -> list[str]:
+    from .presets import preset_names
+
+    return preset_names()
 
 
 class ConvertUsageError(ConversionError, UsageError):
@@ -81,39 +92,72 @@ class ConvertUsageError(ConversionError, UsageError):
 
 
 def _from_hf_path(args) -> None:
-    """Fill --dit/--text-encoder/--tokenizer from a downloaded Wan checkpoint folder (Wan-AI layout)."""
-    from mlx_video.utils import ModelPathError
+    """Fill --dit/--text-encoder/--tokenizer/--vae (and the default --preset) from a downloaded Wan2.1 snapshot,
+    found by content (``converters/snapshot.py``); explicit flags win."""
+    from . import snapshot
 
-    folder = Path(args.hf_path).expanduser()
-    if not folder.is_dir():
-        if str(args.hf_path).count("/") != 1 or str(args.hf_path).startswith((".", "/", "~")):
-            raise ConvertUsageError(f"--hf-path {args.hf_path}: no such folder")
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(repo_id=str(args.hf_path), local_files_only=True))
-        except Exception:  # noqa: BLE001 - hub errors vary by version
-            raise ModelPathError(f"--hf-path {args.hf_path} is neither a folder nor in the Hugging Face cache; "
-                                 f"download it first: hf download {args.hf_path} --local-dir "
-                                 f"{args.hf_path.split('/')[-1]}") from None
-    wan = any(folder.glob("diffusion_pytorch_model*.safetensors*"))  # Wan-AI layout, config.json beside
-    found = {"dit": folder if wan else folder / "transformer" if (folder / "transformer").is_dir() else None,
-             "text_encoder": next(iter(sorted(folder.glob("models_t5_umt5-xxl-enc-*.pth"))), None),
-             "tokenizer": next((p for p in (folder / "google" / "umt5-xxl" / "spiece.model", folder / "spiece.model",
-                                            folder / "tokenizer" / "spiece.model") if p.exists()), None)}
-    for name, path in found.items():
-        if getattr(args, name) is None and path is not None:
+    snap = snapshot.find(snapshot.resolve(args.hf_path))
+    given = {name: getattr(args, name) for name in snapshot.COMPONENTS}
+    required = [n for n in ("dit", "text_encoder", "tokenizer") if given[n] is None]
+    if snapshot.missing_report(snap, required):
+        repo = "Wan-AI/Wan2.1-T2V-1.3B" + ("-Diffusers" if snap.layout == "diffusers" else "")
+        raise ConvertUsageError(f"--hf-path {snap.folder}: an incomplete {snap.layout} snapshot: no "
+                                f"{snapshot.missing_report(snap, required)} found; finish the download (e.g. "
+                                f"`{snapshot.download_command(repo)}`) or name the files with --dit, --text-encoder, "
+                                f"--tokenizer")
+    for name, path in snap.files.items():
+        if given[name] is None and path is not None and not (name == "vae" and args.decoder):
             setattr(args, name, str(path))
-    if not any(found.values()):
-        raise ConvertUsageError(f"--hf-path {folder}: found no Wan DiT, UMT5 encoder or tokenizer in it; name the "
-                                "files with --dit, --text-encoder and --tokenizer")
+    if args.preset is None and args.sampler is None and given["dit"] is None:
+        args.preset = snap.preset
+
+
+def _check_preset_and_dit(args) -> None:
+    """The preset exists (TurboWan is refused with its reason) and fits the DiT's layout; the DiT and LoRA
+    files are readable and recognised. Only headers are read: this runs before the long part."""
+    from .presets import check_preset, required_layout
+
+    if args.preset:
+        if args.sampler:
+            raise ConvertUsageError(f"--preset {args.preset} records the sampler; drop --sampler {args.sampler}")
+        check_preset(args.preset)
+    if args.dit:
+        from .wan_dit import lora_specs, open_dit
+
+        layout, _ = open_dit(args.dit, args.select)
+        need = required_layout(args.preset)
+        if need and layout != need:
+            raise ConvertUsageError(f"--preset {args.preset} is for a {need}-layout DiT, but {args.dit} has the "
+                                    f"{layout} layout: wrong checkpoint or wrong preset")
+        if args.lora:
+            from mlx_video.lora import read_lora
+
+            args.lora = lora_specs(args.lora)
+            for spec in args.lora:
+                read_lora(spec)
+    if args.text_encoder:  # a wrong or broken encoder file fails now, not after the DiT is written
+        from .common import open_checkpoint
+        from .umt5 import _tokenizer, detect_layout
+
+        detect_layout(open_checkpoint(args.text_encoder))
+        if args.tokenizer:
+            _tokenizer(args.tokenizer)
+    if args.vae:
+        from .common import open_checkpoint, strip_common_prefix
+        from .wan_vae import PREFIXES as VAE_PREFIXES, detect_layout as vae_layout
+
+        vae = open_checkpoint(args.vae)
+        for marker in ("decoder.conv1.weight", "decoder.conv_in.weight"):
+            vae = strip_common_prefix(vae, list(VAE_PREFIXES), marker)
+        vae_layout(vae)
 
 
 def check_args(args) -> None:
     """Usage errors, before anything is read or written (exit 2)."""
     if args.hf_path:
         _from_hf_path(args)
-    if not (args.dit or args.text_encoder or args.decoder or args.vae or args.tokenizer or args.sampler):
+    if not (args.dit or args.text_encoder or args.decoder or args.vae or args.tokenizer or args.sampler
+            or args.preset):
         raise ConvertUsageError("nothing to convert: give --hf-path, --dit, --text-encoder/--tokenizer, --decoder "
                                 "and/or --sampler")
     if args.text_encoder and not args.tokenizer:
@@ -137,6 +181,7 @@ def check_args(args) -> None:
 
     if not os.access(parent, os.W_OK | os.X_OK) or not os.access(out.absolute().parent, os.W_OK | os.X_OK):
         raise ConvertUsageError(f"--mlx-path {out}: {out.absolute().parent} is not writable")
+    _check_preset_and_dit(args)
 
 
 def run(args) -> int:
@@ -186,13 +231,17 @@ def run(args) -> int:
             update_config(tmp, config_dir, "vae", section)
             config_dir = tmp
             _say(f"vae: {section.get('summary', 'done')}")
-        if args.sampler:
+        if args.sampler or args.preset:
             from mlx_video.sampling import DEFAULTS
 
-            section = (preset_section(args.sampler) if args.sampler in CAUSAL_PRESETS
-                       else {"name": args.sampler, **DEFAULTS[args.sampler]})
+            from . import presets
+
+            section = (presets.preset_section(args.preset) if args.preset else preset_section(args.sampler)
+                       if args.sampler in CAUSAL_PRESETS else {"name": args.sampler, **DEFAULTS[args.sampler]})
             update_config(tmp, config_dir, "sampler", section)
             config_dir = tmp
+            if args.preset:
+                _say(f"preset: {args.preset} ({section['name']} sampler)")
         if config_dir is previous:  # nothing written (cannot happen after the checks above)
             raise ConversionError("nothing converted")
     _say(f"wrote {out}")

@@ -223,22 +223,17 @@ def strip_fsdp_names(ckpt: Checkpoint) -> Checkpoint:
     return ckpt.renamed(mapping)
 
 
-def lora_by_target(path) -> dict[str, mx.array]:
-    """LoRA deltas (``converters/peft_lora.py``) keyed by MLX parameter name."""
-    from .peft_lora import lora_deltas
+def lora_specs(lora) -> list:
+    """``convert --lora`` values (paths, ``FILE:SCALE`` strings or ``mlx_video.lora.LoraSpec``) as specs."""
+    from mlx_video.lora import LoraSpec, parse_spec
 
-    deltas = lora_deltas(path)
-    mapped, unmatched = apply_key_map(deltas, WAN_RULES)
-    if unmatched:
-        raise ConversionError(f"{path}: LoRA for unknown DiT weights {unmatched[:3]}")
-    return {target: deltas[src] for target, (src, _) in mapped.items()}
+    items = lora if isinstance(lora, (list, tuple)) else [lora] if lora else []
+    return [x if isinstance(x, LoraSpec) else parse_spec(str(x)) for x in items]
 
 
-def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: int | None = None,
-                qk_norm: str = "kept", select: str | None = None, qk_norm_width: int | None = None,
-                lora=None) -> dict:
-    """Convert ``source`` into ``out_dir/dit.safetensors``; returns the ``dit`` config section. ``lora``: a
-    PEFT adapter file merged into the weights (LongLive)."""
+def open_dit(source, select: str | None = None) -> tuple[str, Checkpoint]:
+    """The DiT checkpoint's layout (``wan``, ``diffusers`` or ``rcm``) and its tensors under Wan names (lazy:
+    only headers are read, so ``convert`` can check a preset against it before the long part)."""
     source = Path(source)
     ckpt = open_checkpoint(source, pattern="diffusion_pytorch_model*.safetensors", select=select)
     if not any(True for _ in ckpt):
@@ -250,6 +245,17 @@ def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: i
     layout, ckpt = detect_layout(ckpt)
     if len(ckpt.shape("patch_embedding.weight") if "patch_embedding.weight" in ckpt else ()) == 2:
         ckpt, layout = linear_patch_to_conv3d(ckpt, side_config(source)), "rcm"
+    return layout, ckpt
+
+
+def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: int | None = None,
+                qk_norm: str = "kept", select: str | None = None, qk_norm_width: int | None = None,
+                lora=None) -> dict:
+    """Convert ``source`` into ``out_dir/dit.safetensors``; returns the ``dit`` config section. ``lora``: LoRA
+    files (``FILE[:SCALE]``, any format of ``mlx_video/lora.py``) merged into the weights (LongLive: PEFT)."""
+    source = Path(source)
+    specs = lora_specs(lora)
+    layout, ckpt = open_dit(source, select)
     _, rules = LAYOUTS["wan" if layout == "rcm" else layout]
     mapped, unmatched = apply_key_map(ckpt, rules)
     mapped_shapes = {}
@@ -268,23 +274,21 @@ def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: i
     model = WanDiT(config)
     check_strict(mapped_shapes, parameter_shapes(model), unmatched, f"{source} ({layout} layout)")
     weights = {}
-    deltas = lora_by_target(lora) if lora else {}
     for target, (src, transform) in mapped.items():
         w = ckpt[src]
         weights[target] = transform(w) if transform else w
-        if target in deltas:
-            if deltas[target].shape != weights[target].shape:
-                raise ConversionError(f"{lora}: LoRA delta for {target} is {tuple(deltas[target].shape)}, the weight "
-                                      f"is {tuple(weights[target].shape)}")
-            weights[target] = weights[target].astype(mx.float32) + deltas.pop(target)
-    if deltas:
-        raise ConversionError(f"{lora}: LoRA for weights the checkpoint does not have: {sorted(deltas)[:3]}")
+    if specs:
+        from mlx_video.lora import merged_weights
+
+        weights.update(merged_weights(weights, specs, out_dtype=mx.float32))
     weights = cast_floating(weights, dtype, keep_fp32=FP32_PARAMETERS)
     finite_floating(weights, source, f" (after casting to {dtype_name(dtype)})")
     save_safetensors(out_dir / WEIGHTS_NAME, weights, {"source_layout": layout})
     section = config_to_dict(config)
     section.update(weights_file=WEIGHTS_NAME, dtype=dtype_name(dtype), source_layout=layout,
-                   parameters=parameter_count(model), **({"lora_merged": Path(lora).name} if lora else {}),
+                   parameters=parameter_count(model),
+                   **({"lora_merged": ", ".join(x.path.name for x in specs),
+                       "loras": [{"file": x.path.name, "scale": x.scale} for x in specs]} if specs else {}),
                    head_dim_source=head_dim_origin if head_dim_origin != "assumed" else
                    f"assumed {config.head_dim} (Wan default): no --head-dim, no head width in a config.json beside "
                    f"the checkpoint")

@@ -69,7 +69,8 @@ def original_to_diffusers(key: str, num_res_blocks: int) -> str | None:
         return f"{side}.conv_in.{m[1]}"
     m = re.fullmatch(r"head\.(0\.gamma|2\.weight|2\.bias)", rest)
     if m:
-        return f"{side}.{ {'0.gamma': 'norm_out.gamma', '2.weight': 'conv_out.weight', '2.bias': 'conv_out.bias'}[m[1]]}"
+        head = {"0.gamma": "norm_out.gamma", "2.weight": "conv_out.weight", "2.bias": "conv_out.bias"}
+        return f"{side}.{head[m[1]]}"
     m = re.fullmatch(r"middle\.([02])\.(.+)", rest)
     if m and m[2] in res:
         return f"{side}.mid_block.resnets.{int(m[1]) // 2}.{res[m[2]]}"

@@ -17,7 +17,8 @@ makes them causal is this runtime:
   it holds ``max_frames`` frames (the trained length, 21) and a longer video is refused up front
   (upstream overflows). With a window (``local_attn_frames``, ``sink_frames``) it has a fixed size: when
   a new block does not fit, the oldest frames after the sink are evicted, so any length runs at constant
-  memory.
+  memory. The cache is in the DiT's matmul dtype (fp32 on the CPU, bf16/fp16 on GPUs), heads per layer
+  (pruned models); its bytes are part of the memory plan (:func:`causal_peak_bytes`).
 
 Presets (recorded in the model folder's ``sampler`` section by ``convert --sampler NAME``):
 ``self-forcing``, ``causvid-ar``, ``causal-forcing`` (chunk-wise), ``causal-forcing-framewise`` (and its
@@ -331,13 +332,10 @@ def generate_to_video(models, request, sampler_cfg: sampling.SamplerConfig, caus
     """Generate block by block and, with an ``output``, stream each finished block through the TAEHV
     decoder into the writers while later blocks are generated. Returns (latents, frames written, info
     with ``time_to_first_frame_s``, ``seconds_per_block``, ``kv_cache_bytes``)."""
-    from .models import wan_dit
     from .pipeline import _bar, decode_to_video
     from .video import check_finite
 
-    if models.dit is None:
-        models.dit = wan_dit.load(models.folder, models.dtype)
-    dit = models.dit
+    dit = models.load_dit()  # with any --lora merged
     dit.attention_budget = plan.attention_budget_bytes
     text = dit.prepare_text(context[:1])
     mx.eval(text)

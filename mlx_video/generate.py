@@ -99,6 +99,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", choices=["taehv", "wan-vae"], default=None,
                    help="taehv (fast, the default where the folder has it) or wan-vae (the full Wan2.1 VAE: slower, "
                    "more memory, final-render quality; add it with `mlx-video convert --vae`)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="LoRA merged into the DiT when it loads (repeatable; the folder is not changed): diffusers/"
+                   "PEFT or kohya/ComfyUI files; SCALE multiplies alpha/r (default 1). A LoRA for the unpruned "
+                   "Wan2.1-1.3B also fits a folder made by `mlx-video prune` (its kept rows and columns are used)")
+    p.add_argument("--extend-prompt", metavar="MODEL", default=None,
+                   help="first rewrite each prompt into a detailed one with this mlx-lm instruct model (a folder or "
+                   "a cached hub id, e.g. a Qwen2.5 instruct model) and Wan's own system prompt; the result is "
+                   "printed, stored in the metadata beside the original, and cached per (model, prompt, seed). "
+                   "Needs pip install -e \".[extend]\"")
     p.add_argument("--keep-models", action="store_true", help="keep models resident between prompts")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="compute dtype (default float32 on the CPU, bfloat16 on GPUs)")
@@ -250,11 +259,22 @@ def run(args) -> int:
         frames = default_frames(read_config(folder).get("sampler"))
         for r in requests:
             r.frames = frames or r.frames
+    from .lora import check_folder, parse_spec
+
+    loras = [parse_spec(text) for text in (args.lora or [])]
+    check_folder(folder, loras)  # a bad LoRA is an error before any work
+    if args.extend_prompt:  # before any model of the folder loads; the LLM is freed before the text encoder
+        _extend(args, requests)
+    size = read_config(folder).get("sampler", {}).get("defaults") or {}  # the family's size (presets, e.g. fastwan)
+    for flag in ("height", "width", "frames"):
+        if getattr(args, flag) is None and not args.config_from_metadata and isinstance(size.get(flag), int):
+            for r in requests:
+                setattr(r, flag, size[flag])
     demo = _demo_note(folder)
     if demo and not args.json_events:
         print(f"note: {args.model} is {demo}", file=sys.stderr)
     events = (lambda e: print(json.dumps(e, default=str), flush=True)) if args.json_events else None
-    models = Models(folder, None) if args.keep_models or len(requests) > 1 else None
+    models = Models(folder, None, loras) if args.keep_models or len(requests) > 1 else None
     extras = {output: ([output.with_suffix(".gif")] if args.gif else []) + ([Path(args.save_frames)] if args.save_frames
                                                                            else []) for output in outputs}
     for output in outputs:  # every output is checked before the first run (fsio: replace only what we wrote)
@@ -266,7 +286,7 @@ def run(args) -> int:
                               keep_models=args.keep_models or len(requests) > 1,
                               prompt_cache=None if args.no_prompt_cache else args.prompt_cache,
                               extra_outputs=extras[output], events=events, progress=not (args.quiet or args.json_events),
-                              decoder=args.decoder)
+                              decoder=args.decoder, loras=loras)
         except GenerationFailed as exc:
             print(f"mlx-video generate: generation failed in {exc.stage or 'a stage'}: {exc.reason}; nothing was "
                   f"saved (see {output}.failure.json)", file=sys.stderr)
@@ -274,6 +294,20 @@ def run(args) -> int:
         if not (args.quiet or args.json_events):
             _summary(result, output, demo)
     return 0
+
+
+def _extend(args, requests: list[GenerationRequest]) -> None:
+    from .prompt_extend import extend_prompts
+
+    cache = None if args.no_prompt_cache else Path(args.prompt_cache) / "extended-prompts"
+    extended = extend_prompts(args.extend_prompt, [r.prompt for r in requests], [r.seed for r in requests], cache)
+    for r, text in zip(requests, extended):
+        r.prompt_extension = {"model": args.extend_prompt, "original_prompt": r.prompt}
+        if args.json_events:
+            print(json.dumps({"event": "prompt_extended", "original": r.prompt, "extended": text}), flush=True)
+        elif not args.quiet:
+            print(f"extended prompt: {text}", file=sys.stderr)
+        r.prompt = text
 
 
 def _demo_note(folder: Path) -> str:
@@ -294,6 +328,12 @@ def _summary(result, output: Path, demo: str = "") -> None:
     for name, s in result.stages.items():
         pred = f" (predicted {_size(s.predicted_peak_bytes)})" if s.predicted_peak_bytes else ""
         print(f"  {name:8s} {s.seconds:8.2f} s   peak memory {_size(s.peak_memory_bytes)}{pred}", file=sys.stderr)
+    import mlx.core as mx
+
+    from . import native
+
+    if mx.default_device() == mx.cpu:  # which CPU path ran: the native kernels or the MLX/NumPy fallback
+        print(f"  {native.describe()}", file=sys.stderr)
     for note in (result.metadata.get("memory_plan") or {}).get("notes", []):  # how the plan was fitted to the limit
         print(f"  memory plan: {note}", file=sys.stderr)
     c = result.metadata.get("causal")

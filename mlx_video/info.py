@@ -35,6 +35,19 @@ def describe(folder) -> dict:
     return report
 
 
+def summary(report: dict) -> str:
+    """One line: the checkpoint family (``convert --preset``), its sampler and the LoRAs merged at conversion."""
+    comps = report["components"]
+    sampler = comps.get("sampler", {}).get("config", {})
+    dit = comps.get("dit", {}).get("config", {})
+    loras = ", ".join(f"{x.get('file')}:{x.get('scale', 1):g}" for x in dit.get("loras", []) if isinstance(x, dict))
+    steps = sampler.get("steps") or len(sampler.get("denoising_step_list") or [])
+    return (f"preset: {sampler.get('preset', 'none')}; sampler: {sampler.get('name', 'default')}"
+            + (f" ({steps} steps, guidance {sampler.get('guidance', 1)})" if sampler else "")
+            + f"; LoRAs merged: {loras or (dit.get('lora_merged') or 'none')}"
+            + (f"; pruned ({dit['pruned'].get('method')})" if isinstance(dit.get("pruned"), dict) else ""))
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("info", help="describe a converted model folder",
                               description="Print each component's config, tensor count and bytes per dtype.")
@@ -53,6 +66,7 @@ def run(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(report["path"])
+    print(summary(report))
     for name, entry in report["components"].items():
         cfg = entry["config"]
         print(f"\n[{name}]")

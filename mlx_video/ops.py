@@ -85,7 +85,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     if native_attention_used(q.dtype, fused, native) and k.dtype == v.dtype == mx.float32:
         from . import native as native_kernels
 
-        return native_kernels.kernels().flash_attention(q, k, v, scale)
+        return _eager(native_kernels.kernels().flash_attention, q, k, v, scale)
     if fused is None:
         fused = fused_attention_available()
     if fused:
@@ -205,6 +205,16 @@ def _gelu_tanh_rows(a: np.ndarray) -> None:
     a *= t
 
 
+def _eager(kernel, *args):
+    """Evaluate a native kernel's inputs, then its output, at once: as eager as the NumPy passes they replace,
+    so that a block's graph never holds several residual-sized intermediates at a time (lazily, one DiT
+    block at 7,800 tokens peaked ~15% higher)."""
+    mx.eval(*(a for a in args if isinstance(a, mx.array)))
+    out = kernel(*args)
+    mx.eval(out)
+    return out
+
+
 def _native_cpu_fp32(*arrays: mx.array):
     """The native kernels module when all ``arrays`` are fp32 and the native CPU path is on, else None."""
     from . import native as native_kernels
@@ -221,7 +231,12 @@ def gelu_tanh_fresh(x: mx.array) -> mx.array:
     if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
         return gelu_tanh(x)
     if (kernels := _native_cpu_fp32(x)) is not None:
-        return kernels.gelu_tanh(x)
+        mx.eval(x)
+        try:
+            kernels.gelu_tanh_inplace(x)  # the NumPy path's in-place trick, threaded in C++
+            return x
+        except ValueError:  # not row-contiguous: a new buffer
+            return _eager(kernels.gelu_tanh, x)
     view = _owned_numpy_view(x)
     if view is None:
         return gelu_tanh(x)
@@ -259,7 +274,7 @@ def modulated_layer_norm(x: mx.array, mul: mx.array, add: mx.array, eps: float) 
     if mx.default_device() != mx.cpu or x.ndim != 3:
         return mx.fast.layer_norm(x, None, None, eps) * mul + add
     if (kernels := _native_cpu_fp32(x)) is not None and _per_batch_rows(mul, x) and _per_batch_rows(add, x):
-        return kernels.modulated_layer_norm(x, mul, add, eps)
+        return _eager(kernels.modulated_layer_norm, x, mul, add, eps)
     b, _, d = x.shape
     mul, add = mx.broadcast_to(mul, (b, 1, d)), mx.broadcast_to(add, (b, 1, d))
     mx.eval(x, mul, add)

@@ -53,6 +53,7 @@ class GenerationRequest:
     seed: int = 0
     fps: float = 16.0
     sampler: dict = field(default_factory=dict)  # overrides of the model's sampler section
+    prompt_extension: dict | None = None  # generate --extend-prompt: {"model", "original_prompt"} (prompt = extended)
 
     def validate(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -167,6 +168,7 @@ def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int
     chunks. The buffer counts were fitted to MLX's peak counter on the CPU (one 10-head block at 900,
     11154 and 32760 tokens, attention budgets 128 MB to 2 GB: within -9%..+4%).
     """
+    from . import native as native_kernels
     from .ops import attention_peak_bytes
 
     b, f, h, w, _ = latent_shape
@@ -179,7 +181,10 @@ def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int
     hidden = max(config.ffn_dim)
     ffn_chunk = min(tokens, max(1, attention_budget // (hidden * 8)))
     scores = attention_peak_bytes(b, heads, tokens, tokens, attention_budget)
-    phases = (2 * r + 14 * i, 2 * r + 8 * i + scores, 2 * r + 2 * b * ffn_chunk * hidden * 4)
+    # the native kernels rotate q/k without MLX's split/multiply/stack temporaries (fitted the same way:
+    # 1,170 to 7,800 tokens, dims 512 and 1536, measured 7.2i..7.5i)
+    qkv = 8 * i if native_kernels.enabled() else 14 * i
+    phases = (2 * r + qkv, 2 * r + 8 * i + scores, 2 * r + 2 * b * ffn_chunk * hidden * 4)
     return int(weight_bytes + text_kv + max(phases))
 
 
@@ -333,10 +338,21 @@ def _stage(name: str, stats: dict[str, StageStats], events: Events, predicted: i
 class Models:
     """Loaded components, kept between generations when ``keep_models`` is set (Python API)."""
 
-    def __init__(self, folder: str | os.PathLike, dtype: mx.Dtype | str | None = None):
+    def __init__(self, folder: str | os.PathLike, dtype: mx.Dtype | str | None = None, loras=()):
         self.folder = resolve_model_path(folder)
         self.dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        self.loras = list(loras)  # mlx_video.lora.LoraSpec: merged into the DiT when it loads (not on disk)
         self.tokenizer = self.text_encoder = self.dit = self.decoder = None
+
+    def load_dit(self):
+        """The DiT, loaded (with the LoRAs merged) unless it is resident."""
+        if self.dit is None:
+            from . import lora
+
+            dit = wan_dit.load(self.folder, self.dtype)
+            lora.apply_to_model(dit, self.loras, self.folder, config_section(self.folder, "dit"))
+            self.dit = dit
+        return self.dit
 
     def release(self, *names: str) -> None:
         for name in names:
@@ -363,9 +379,7 @@ def encode_text(models: Models, prompts: list[str], cache_dir: Path | None, keep
 
 def denoise(models: Models, request: GenerationRequest, sampler_cfg: sampling.SamplerConfig, context: mx.array,
             attention_budget: int, keep: bool, progress: Callable | None = None) -> mx.array:
-    if models.dit is None:
-        models.dit = wan_dit.load(models.folder, models.dtype)
-    dit = models.dit
+    dit = models.load_dit()
     dit.attention_budget = attention_budget
     text = dit.prepare_text(context[:1])
     uncond = dit.prepare_text(context[1:2]) if sampler_cfg.uses_cfg else None
@@ -440,7 +454,7 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
              models: Models | None = None, dtype: str | None = None, memory_limit: int | str | None = None,
              low_memory: bool = False, keep_models: bool = False, prompt_cache: str | os.PathLike | None = None,
              extra_outputs: list[str] = (), events: Events | None = None, progress: bool = False,
-             decoder: str | None = None) -> GenerationResult:
+             decoder: str | None = None, loras=()) -> GenerationResult:
     """Generate one video. ``output=None`` returns the latents without decoding. ``decoder``: ``taehv`` or
     ``wan-vae`` (default: TAEHV when the folder has one, else the Wan VAE).
 
@@ -448,7 +462,7 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
     ``keep_models=True`` (as is ``models``), which skips loading. ``events`` receives dicts
     (``--json-events``). Raises ``MemoryPlanError`` (a ``UsageError``, before any work) when the job cannot
     fit ``memory_limit``, and ``GenerationFailed`` (after writing ``<output>.failure.json``) on NaN or
-    black output.
+    black output. ``loras``: ``mlx_video.lora.LoraSpec`` merged into the DiT at load (the folder is untouched).
     """
     if isinstance(model, Models):
         models, model = model, model.folder
@@ -468,7 +482,9 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
     if output is not None:
         check_outputs(output, [Path(p) for p in extra_outputs])
     limit = check_memory_limit(parse_memory(memory_limit))
-    models = models or Models(folder, parse_dtype(dtype))
+    models = models or Models(folder, parse_dtype(dtype), loras)
+    if loras and models.dit is None:
+        models.loras = list(loras)
     prompts = [request.prompt] + ([request.negative_prompt] if sampler_cfg.uses_cfg else [])
     from .tokenizer import PromptTruncatedWarning, load_tokenizer
 
@@ -486,8 +502,9 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
     metadata = {
         "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
         "height": request.height, "width": request.width, "frames": request.frames, "fps": request.fps,
-        "sampler": asdict(sampler_cfg), "timesteps": sampling.sampler_timesteps(
-            sampler_cfg.name, sampler_cfg.steps, sampler_cfg.shift, sampler_cfg.denoising_step_list, sampler_cfg.warp),
+        "sampler": asdict(sampler_cfg), "timesteps": sampling.schedule(sampler_cfg).timesteps,
+        "loras": [{"file": str(s.path), "scale": s.scale} for s in models.loras],
+        **({"prompt_extension": request.prompt_extension} if request.prompt_extension else {}),
         "model": str(model), "model_path": str(Path(folder).resolve()), "dtype": dtype, "memory_plan": plan.as_dict(),
         "low_memory": low_memory, "mlx_version": mx.__version__, "device": str(mx.default_device()),
         "decoder": decoder,

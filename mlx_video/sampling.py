@@ -130,6 +130,8 @@ def sampler_config(section: dict | None = None, where: str | None = None, **over
     values = dict(DEFAULTS[name], name=name)
     if section.get("name", "fewstep") == name:
         values.update({k: v for k, v in section.items() if k in {f.name for f in dataclasses.fields(SamplerConfig)}})
+    if {"steps", "denoising_step_list"} & set(overrides) and "sigmas" not in overrides:
+        values["sigmas"] = None  # an explicit step choice replaces a preset's sigma list (rCM), never silently loses
     values.update(overrides)
     return SamplerConfig(**values)
 

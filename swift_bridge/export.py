@@ -118,6 +118,11 @@ def _sampler(section: dict | None, name: str | None):
         raise ExportError(f"sampler guidance {config.guidance} > 1 needs classifier-free guidance, which the Swift "
                           f"port leaves out (distilled models run at guidance 1); set guidance 1 in the sampler "
                           f"section")
+    if config.sigmas is not None or not config.stochastic or config.noise_scale != 1.0 \
+            or config.timestep_dtype != "float32":  # converters/presets.py: rcm, lightx2v-distill
+        raise ExportError(f"the model folder's preset {(section or {}).get('preset')!r} samples with explicit sigmas, "
+                          f"deterministic Euler steps, a scaled initial noise or bf16 timesteps, which the Swift "
+                          f"port does not implement")
     return config
 
 

@@ -167,7 +167,15 @@ def build_and_test(package: Path, workspace: Path | None = None, timeout: float 
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per workspace at a time
         _mirror(STANDIN, workspace / STANDIN_PACKAGE)
         target = workspace / PACKAGE_DIR
-        _mirror(package, target)
+        _mirror(package, target, keep=(".build", "Model"))
+        # Model/ (the real weights, possibly GBs) is no build input: the strict-load test reads it through a link.
+        link = target / "Model"
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        if (package / "Model").is_dir():
+            link.symlink_to((package / "Model").absolute(), target_is_directory=True)
         try:
             (target / "Package.swift").write_text(override_manifest((package / "Package.swift").read_text()))
         except (OSError, ValueError) as exc:

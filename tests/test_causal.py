@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converters.wan_dit import convert_dit
 from mlx_video import causal, sampling
 from mlx_video.models import wan_dit
-from mlx_video.utils import MLX_VIDEO_FORMAT
 from tests import causal_reference as ref
 from tests.dit_reference import diffusers_to_wan_keys, make_diffusers_dit, rel_error
+from tests.test_wan_dit import convert_to_folder as convert
+from tests.test_wan_dit import from_mlx_latents as from_mlx
+from tests.test_wan_dit import to_mlx_latents
 
 RNG = np.random.default_rng(0)
 CONTEXT = RNG.standard_normal((1, 5, 32)).astype(np.float32)
@@ -28,18 +29,7 @@ H, W = 4, 6  # latent pixels: a non-square 2x3 token grid per frame
 
 
 def to_mlx(x):
-    return mx.array(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 2, 3, 4, 1)))
-
-
-def from_mlx(y):
-    return np.array(y).transpose(0, 4, 1, 2, 3)
-
-
-def convert(src, out, **kw):
-    out.mkdir()
-    section = convert_dit(src, out, **kw)
-    (out / "config.json").write_text(json.dumps({"format": MLX_VIDEO_FORMAT, "dit": section}))
-    return wan_dit.load(out)
+    return to_mlx_latents(np.asarray(x, np.float32))
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,21 @@ def test_cli_reports_blocks_and_time_to_first_frame(model, tmp_path, capsys):
     kinds = [e["event"] for e in events]
     assert kinds.count("block") == 1 and "first_frame" in kinds and kinds.count("step") == 4
     assert events[kinds.index("block")]["kv_cache_bytes"] > 0
+
+
+def test_memory_plan_counts_the_cache_not_the_whole_video(model, tmp_path):
+    """With a window the planned peak is the same for 21 and 42 latent frames; bidirectionally it grows."""
+    windowed, bidirectional = tmp_path / "w", tmp_path / "b"
+    shutil.copytree(model, windowed)
+    shutil.copytree(model, bidirectional)
+    assert main(["convert", "--sampler", "longlive", "--mlx-path", str(windowed)]) == 0
+    assert main(["convert", "--sampler", "fewstep", "--mlx-path", str(bidirectional)]) == 0
+
+    def planned(folder, frames):
+        return pipeline.plan_memory(folder, request(frames=frames), None, False).predicted["denoise"]
+
+    assert planned(windowed, 81) == planned(windowed, 165)  # 21 and 42 latent frames
+    assert planned(bidirectional, 165) > planned(bidirectional, 81)
+    cfg = wan_dit.load(windowed).config
+    assert planned(windowed, 81) - planned(bidirectional, 9) >= causal.cache_bytes(
+        cfg, (1, 21, 4, 6, 16), causal.causal_config(causal.preset_section("longlive")), 4) > 0

@@ -481,3 +481,67 @@ def test_progress_reports_each_step(name):
                     progress=lambda *a: calls.append(a))
     ts = sampling.schedule(cfg).timesteps
     assert calls == [(i, 3, ts[i]) for i in range(3)]
+
+
+# ---------------------------------------------------------------------------------- video (mutation)
+
+
+def test_failure_report_holds_what_went_wrong(tmp_path):
+    """Bugs caught: a failure report with renamed or empty fields, unserialisable details, a bad timestamp, or
+    none at all when the output folder does not exist yet."""
+    import re
+
+    target = tmp_path / "not" / "yet" / "video.mp4"
+    details = {"nan": np.int64(3), "mean": np.float32(0.25), "shape": mx.array([2, 3]), "where": Path("a/b"),
+               "what": object.__new__(type("Thing", (), {"__str__": lambda self: "a thing"}))}
+    report = video.write_failure_report(target, "non-finite values after denoise", details)
+    assert report == tmp_path / "not" / "yet" / "video.mp4.failure.json"
+    data = json.loads(report.read_text())
+    assert set(data) == {"output", "reason", "details", "time"}
+    assert data["output"] == str(target) and data["reason"] == "non-finite values after denoise"
+    assert data["details"] == {"nan": 3, "mean": 0.25, "shape": [2, 3], "where": "a/b", "what": "a thing"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", data["time"]), data["time"]
+    assert not target.exists()
+
+
+def test_generation_failed_message_and_frame_summary():
+    """Bugs caught: the failure message losing its stage; the report's frame means unrounded or unbounded."""
+    assert str(GenerationFailed("video is all black", "video")) == "video: video is all black"
+    plain = GenerationFailed("no frames were written")
+    assert str(plain) == "no frames were written" and plain.stage == "" and plain.details == {}
+    stats = video.FrameStats()
+    frames = np.broadcast_to(np.linspace(0.1, 0.9, 70, dtype=np.float32)[:, None, None, None] + 1e-7,
+                             (70, 2, 2, 3))
+    stats.update(np.ascontiguousarray(frames))
+    summary = stats.summary()
+    assert len(summary["frame_means"]) == 64 and stats.frames == 70
+    assert summary["frame_means"] == [round(float(m), 6) for m in frames[:64].reshape(64, -1).mean(1)]
+    assert summary["min"] == pytest.approx(0.1 + 1e-7) and summary["max"] == pytest.approx(0.9 + 1e-7)
+
+
+def test_video_info_of_gif_and_png_folder_and_write_video_options(tmp_path):
+    """Bugs caught: width/height swapped for GIF/PNG, a PNG folder given a made-up fps, write_video dropping
+    its options (format, check_health)."""
+    rng = np.random.default_rng(2)
+    frames = rng.uniform(0.1, 0.9, (4, 24, 40, 3)).astype(np.float32)  # not square: catches a swap
+    gif = write_video(tmp_path / "clip.gif", frames, fps=10)  # GIF stores 10 ms units: 100 ms is exact
+    info = video.video_info(gif)
+    assert (info.frames, info.width, info.height) == (4, 40, 24) and info.fps == pytest.approx(10.0)
+    png = write_video(tmp_path / "clip", frames)
+    info = video.video_info(png)
+    assert (info.frames, info.width, info.height) == (4, 40, 24) and math.isnan(info.fps)
+    black = np.zeros((2, 8, 8, 3), np.float32)
+    out = write_video(tmp_path / "black.bin", black, format="gif", check_health=False)  # options reach the writer
+    assert out.read_bytes()[:6] in (b"GIF87a", b"GIF89a")  # (Pillow merges the identical frames)
+
+
+def test_errors_inside_the_writer_block_propagate_and_leave_nothing(tmp_path):
+    """Bugs caught: ``__exit__`` swallowing the caller's exception; an empty frame folder read silently."""
+    with pytest.raises(RuntimeError, match="caller failed"):
+        with VideoWriter(tmp_path / "v.gif") as writer:
+            writer.write(np.full((2, 8, 8, 3), 0.5, np.float32))
+            raise RuntimeError("caller failed")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no frame_"):
+        read_video(tmp_path / "empty")

@@ -158,9 +158,8 @@ def test_peak_memory_does_not_grow_with_length_and_is_predicted():
     # the plan at the real size (prediction only): 21 latents at 60 x 104 (81 frames of 480 x 832)
     real, shape = wan_vae.WanVAEConfig(), (1, 21, 60, 104, 16)
     whole = wan_vae.decoder_peak_bytes(real, shape)
+    assert 5.0 * 2**30 < whole < 5.6 * 2**30  # 73M weights + 3.5 GB of feature caches + the largest segment
     assert wan_vae.choose_tile(real, shape, whole) is None  # whole frames when they fit
-    tile = wan_vae.choose_tile(real, shape, whole - 200 * 2**20)
-    assert tile is not None and tile[0] is None and wan_vae.decoder_peak_bytes(real, shape, tile) <= whole - 200 * 2**20
     with pytest.raises(MemoryError, match="feature caches"):  # the caches are the floor: ~3.9 GB in fp32
         wan_vae.choose_tile(real, shape, 3 * 2**30)
 
@@ -174,8 +173,10 @@ def diffusers_to_wan_key(key: str) -> str:
     head, _, rest = key.partition(".")
     if head in top:
         return f"{top[head]}.{rest}"
-    for new, old in ((".norm1.gamma", ".residual.0.gamma"), (".conv1.", ".residual.2."), (".norm2.gamma", ".residual.3.gamma"),
-                     (".conv2.", ".residual.6."), (".conv_shortcut.", ".shortcut.")):
+    renames = ((".norm1.gamma", ".residual.0.gamma"), (".conv1.", ".residual.2."),
+               (".norm2.gamma", ".residual.3.gamma"),
+               (".conv2.", ".residual.6."), (".conv_shortcut.", ".shortcut."))
+    for new, old in renames:
         if ".resnets." in key or ".down_blocks." in key:
             key = key.replace(new, old)
     key = key.replace(".conv_in.", ".conv1.").replace(".norm_out.", ".head.0.").replace(".conv_out.", ".head.2.")

@@ -80,7 +80,8 @@ class WanVAEConfig:
         if len(self.dim_mult) < 2 or min(self.dim_mult) < 1:
             raise ValueError(f"dim_mult needs >= 2 positive multipliers, got {self.dim_mult}")
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temperal_downsample needs {len(self.dim_mult) - 1} entries, got {self.temperal_downsample}")
+            raise ValueError(f"temperal_downsample needs {len(self.dim_mult) - 1} entries, "
+                             f"got {self.temperal_downsample}")
         for name in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -450,8 +451,8 @@ class Segment:
     ops: list
     scale: int  # spatial upsampling at the segment's end
     frames: int  # output frames per input frame (2 after a temporal upsample, once started)
-    halo: int  # input pixels of context a tile needs for an exact core (None: not tileable)
-    tileable: bool
+    halo: int  # input pixels of context a tile needs for an exact core
+    tileable: bool  # False for segment 0 (it holds the attention, which sees the whole frame)
 
 
 def decoder_segments(model: WanVAE) -> list[Segment]:
@@ -792,11 +793,11 @@ def _parts(model: WanVAE, latent_shape: tuple, steps: list) -> tuple[int, list[i
         grid = tile_grid(hh, ww, step)
         th, tw = max(y1 - y0 for y0, y1, _, _ in grid), max(x1 - x0 for _, _, x0, x1 in grid)
         ch, cw = min(hh, th + 2 * seg.halo), min(ww, tw + 2 * seg.halo)
-        n = b * (1 if k > 0 else 1)
-        work = _segment_work(model, seg, n, ch, cw)
-        if len(grid) > 1:  # the stitched output, and each cache's newest frame beside the old two (half a cache)
+        work = _segment_work(model, seg, b, ch, cw)  # one frame at a time (depth first)
+        if len(grid) > 1:  # the stitched output, and each cache's newest frame beside the old two (half a cache;
+            # 3/4 fitted to the measured peak at 240x416, which the tile crops' copies push up)
             out_c = _segment_out_channels(seg)
-            work += b * seg.frames * hh * ww * seg.scale**2 * out_c + caches[k] // 2
+            work += b * seg.frames * hh * ww * seg.scale**2 * out_c + caches[k] * 3 // 4
             work += caches[k] * ch * cw // (hh * ww)  # the tile's copies of its cache crops
         peaks.append(work)
         hh, ww = hh * seg.scale, ww * seg.scale
@@ -839,8 +840,8 @@ def decoder_peak_bytes(config: WanVAEConfig, latent_shape: tuple, tile=None, ite
 def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, itemsize: int = 4):
     """Tiles for :func:`decode_stream` within ``budget_bytes`` (as :func:`decoder_peak_bytes` predicts):
     None when whole frames fit, else one tile edge (output pixels of the segment) or None per segment, the
-    largest that fits. ``MemoryError`` when even small tiles do not (the feature caches are not tiled away:
-    ~2 frames of every causal conv's input, ~3.3 GB in fp32 at 480x832)."""
+    largest that fits. ``MemoryError`` when no tiling does (the feature caches are not tiled away: 2 frames
+    of every causal conv's input, 3.5 GB in fp32 at 480x832; with the weights a 3.9 GB floor)."""
     model = _shape_model(config)
     segs = decoder_segments(model)
     budget = (budget_bytes - _SLACK) / itemsize
@@ -848,9 +849,10 @@ def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, it
     if base + max(whole) <= budget:
         return None
     if base + whole[0] > budget:
-        raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit {budget_bytes / 2**20:.0f} MiB:"
-                          f" the weights and feature caches alone take {base * itemsize / 2**20:.0f} MiB (and its "
-                          f"first segment, with the attention, is never tiled)")
+        raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit "
+                          f"{budget_bytes / 2**20:.0f} MiB: the weights and feature caches alone take "
+                          f"{base * itemsize / 2**20:.0f} MiB (and its first segment, with the attention, is never "
+                          f"tiled)")
     h, w = int(latent_shape[2]), int(latent_shape[3])
     tiles, res = [], 1
     for k, seg in enumerate(segs):
@@ -859,9 +861,8 @@ def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, it
         if base + whole[k] <= budget:
             tiles.append(None)
             continue
-        if not seg.tileable:
-            raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit {budget_bytes / 2**20:.0f}"
-                              f" MiB: its first segment (with the attention) needs {(base + whole[k]) * itemsize / 2**20:.0f} MiB")
+        if not seg.tileable:  # (segment 0 fitting was checked above; the others are tileable)
+            raise AssertionError(k)
         chosen = None
         for n in range(2, max(hh, ww) + 1):
             step = -(-max(hh, ww) // n)
@@ -873,8 +874,10 @@ def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, it
             if step <= 4:
                 break
         if chosen is None:
-            raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit {budget_bytes / 2**20:.0f}"
-                              f" MiB: weights and feature caches alone take {base * itemsize / 2**20:.0f} MiB")
+            raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit "
+                              f"{budget_bytes / 2**20:.0f} MiB: the weights and feature caches take "
+                              f"{base * itemsize / 2**20:.0f} MiB, and no tiling of decoder segment {k} brings its "
+                              f"working set under the rest (a tiled segment keeps its caches' previous frames)")
         tiles.append(chosen)
     return tuple(tiles)
 
@@ -932,5 +935,6 @@ def plan_decode(section: dict | None, latent_shape: tuple, limit_bytes: int, low
     except MemoryError:
         tile = choose_tile(config, latent_shape, limit_bytes, itemsize)  # may raise: the plan refuses the job
         if notes is not None:
-            notes.append(f"Wan VAE tiles shrunk to {tile}")
+            notes.append(f"Wan VAE decode given the whole limit (tiles {tile})" if tile else
+                         "Wan VAE decode given the whole limit (its feature caches alone exceed the decoder's share)")
     return tile, decoder_peak_bytes(config, latent_shape, tile, itemsize)

@@ -27,6 +27,8 @@ NB_MODULE(_native, m) {
         "conv3x3(concatenate(xs, -1), w) + bias (then ReLU), NHWC, w [O, 3, 3, C], padding 1");
   m.def("upconv3x3", &mlx_video::upconv3x3, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
         "stream"_a = nb::none(), "conv3x3(upsample_nearest(x, 2), w) + bias, w [O, 3, 3, C], padding 1");
+  m.def("gelu_tanh_inplace", &mlx_video::gelu_tanh_inplace, "x"_a,
+        "gelu_tanh over an evaluated, row-contiguous float32 array the caller owns, in place");
   m.def("rope", &mlx_video::rope, "x"_a, "cos"_a, "sin"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Wan's interleaved-pair RoPE on x [B, L, H, D] with cos/sin [L, D/2]");
 }

@@ -328,6 +328,29 @@ mx::array gelu_tanh(const mx::array& x, mx::StreamOrDevice s) {
   return mx::array(x.shape(), mx::float32, std::make_shared<GeluTanh>(stream), {fp32_contiguous(x, s)});
 }
 
+namespace {
+
+void gelu_rows(const float* src, float* dst, int64_t n) {
+  const int64_t chunk = chunk_for(n, 1 << 14);
+  parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
+    const int64_t a = t * chunk, b = std::min(n, a + chunk);
+    for (int64_t i = a; i < b; ++i) {
+      const float v = src[i];
+      const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+      dst[i] = 0.5f * v * (1.0f + tanh_approx(inner));
+    }
+  });
+}
+
+}  // namespace
+
+void gelu_tanh_inplace(mx::array& x) {
+  if (x.dtype() != mx::float32 || !x.is_available() || !x.flags().row_contiguous)
+    throw std::invalid_argument("gelu_tanh_inplace: an evaluated, row-contiguous float32 array only");
+  float* data = x.data<float>();
+  gelu_rows(data, data, static_cast<int64_t>(x.size()));
+}
+
 void GeluTanh::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   const auto& x = inputs[0];
@@ -339,17 +362,7 @@ void GeluTanh::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.set_input_array(x);
   encoder.set_output_array(out);
   encoder.dispatch([x = mx::array::unsafe_weak_copy(x), out = mx::array::unsafe_weak_copy(out)]() mutable {
-    const float* src = x.data<float>();
-    float* dst = out.data<float>();
-    const int64_t n = static_cast<int64_t>(x.size()), chunk = chunk_for(n, 1 << 14);
-    parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
-      const int64_t a = t * chunk, b = std::min(n, a + chunk);
-      for (int64_t i = a; i < b; ++i) {
-        const float v = src[i];
-        const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-        dst[i] = 0.5f * v * (1.0f + tanh_approx(inner));
-      }
-    });
+    gelu_rows(x.data<float>(), out.data<float>(), static_cast<int64_t>(x.size()));
   });
 }
 

@@ -28,6 +28,10 @@ mx::array modulated_layer_norm(const mx::array& x, const mx::array& mul, const m
 // GELU, tanh approximation (PyTorch approximate='tanh'), fp32.
 mx::array gelu_tanh(const mx::array& x, mx::StreamOrDevice s = {});
 
+// The same, overwriting an evaluated, row-contiguous fp32 array that the caller has just computed and
+// owns (the FFN's hidden activations): no second hidden-sized buffer, as the NumPy path it replaces.
+void gelu_tanh_inplace(mx::array& x);
+
 // Wan's RoPE: x [B, L, H, D] viewed as D/2 complex pairs times (cos + i sin) [L, D/2].
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s = {});
 
