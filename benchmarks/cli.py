@@ -106,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default 0)")
     p.add_argument("--verbose", action="store_true", help="also print the whole Markdown report")
     # Device runs: options that bring in results measured elsewhere go here and are merged in `collect`.
+    from benchmarks.device_import import add_import_argument
+
+    add_import_argument(p)  # --import FILE
 
 
 def _apply_quick(args) -> None:
@@ -179,6 +182,9 @@ def _parse(args) -> None:
         from mlx_video.utils import resolve_model_path
 
         args.model_path = resolve_model_path(args.model)  # ModelFolderError: a clear message, exit 1
+    from benchmarks.device_import import load_device_run
+
+    args.device_runs = [load_device_run(f) for f in getattr(args, "import_files", None) or []]  # bad: exit 2
     _check_out(Path(args.out))
 
 
@@ -256,6 +262,9 @@ def collect(args) -> dict:
             drift = results["matmul_end"]["peak_flops_per_s"] / results["matmul"]["peak_flops_per_s"] - 1
             results["matmul"]["drift_start_to_end"] = drift
     # Stages measured elsewhere (e.g. imported from a device run) join results["stages"] here, before deriving.
+    from benchmarks.device_import import merge
+
+    merge(results, getattr(args, "device_runs", []))
     derive(results, args)
     results["notes"] += list(args.note or [])
     results["machine"]["load_avg_end"] = _load()

@@ -63,6 +63,9 @@ def _how(s: dict) -> str:
         r = s.get("reference", {}).get("layers_timed")
         return f"{s['tokens']} tokens; MLX all {s['layers_total']} blocks" + (
             f"; ratio on {r}/{s['layers_total']} blocks, ref scaled" if r and r != s["layers_total"] else "")
+    if s.get("device"):  # imported with --import (benchmarks/device_import.py)
+        fp = s.get("mlx", {}).get("memory", {}).get("footprint_bytes")
+        return f"device run on {s['device']} (imported)" + (f"; footprint {_b(fp)}" if fp else "")
     if s["stage"].startswith("model:"):
         return "your model folder, whole pipeline"
     return "composed"

@@ -34,9 +34,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--mlx-path", required=True, help="output model folder (created, or updated if it is one)")
     p.add_argument("--hf-path", default=None, metavar="DIR",
-                   help="a downloaded Wan checkpoint folder (e.g. `hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir "
-                   "DIR`) or its Hugging Face id in the local cache: its DiT, UMT5 encoder and tokenizer are found "
-                   "inside (--dit/--text-encoder/--tokenizer override them)")
+                   help="a downloaded Wan2.1 snapshot folder (Wan-AI/Wan2.1-T2V-1.3B or its -Diffusers layout, "
+                   "recognised by content) or its Hugging Face id in the local cache: its DiT, UMT5 encoder, tokenizer "
+                   "and Wan VAE are found inside (--dit/--text-encoder/--tokenizer/--vae override them)")
     p.add_argument("--dit", help="DiT checkpoint: file (.safetensors/.pth/.pt) or folder (Wan, diffusers, "
                    "ComfyUI or Self-Forcing layout)")
     p.add_argument("--text-encoder", help="UMT5 encoder checkpoint (Wan .pth or Hugging Face safetensors)")
@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
                    "decoder: `generate --decoder wan-vae`; stored float32 unless --dtype)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weight dtype on disk (default: float16 for the decoder, bfloat16 for the text encoder, "
-                   "float32 for the DiT)")
+                   "float32 for the DiT and the Wan VAE)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the text encoder (affine, per group)")
     p.add_argument("--q-bits", type=int, default=4,
                    help=f"bits per weight when quantizing, one of {', '.join(map(str, VALID_BITS))}")
@@ -110,6 +110,12 @@ def _from_hf_path(args) -> None:
             setattr(args, name, str(path))
     if args.preset is None and args.sampler is None and given["dit"] is None:
         args.preset = snap.preset
+    if given["dit"] is not None and args.head_dim is None:  # a distilled DiT file: the base's head width,
+        from .common import side_config
+
+        own = side_config(Path(given["dit"]).expanduser())  # unless a config.json beside it says
+        if "attention_head_dim" not in own and "num_heads" not in own:
+            args.head_dim = snapshot.base_head_dim(snap)
 
 
 def _check_preset_and_dit(args) -> None:
@@ -139,7 +145,9 @@ def _check_preset_and_dit(args) -> None:
         from .common import open_checkpoint
         from .umt5 import _tokenizer, detect_layout
 
-        detect_layout(open_checkpoint(args.text_encoder))
+        encoder = open_checkpoint(args.text_encoder)
+        if len(encoder):  # (an empty one is reported by the conversion, as such)
+            detect_layout(encoder)
         if args.tokenizer:
             _tokenizer(args.tokenizer)
     if args.vae:
@@ -149,7 +157,8 @@ def _check_preset_and_dit(args) -> None:
         vae = open_checkpoint(args.vae)
         for marker in ("decoder.conv1.weight", "decoder.conv_in.weight"):
             vae = strip_common_prefix(vae, list(VAE_PREFIXES), marker)
-        vae_layout(vae)
+        if len(vae):
+            vae_layout(vae)
 
 
 def check_args(args) -> None:

@@ -56,7 +56,7 @@ def resolve(path_or_repo: str) -> Path:
         return Path(snapshot_download(repo_id=str(path_or_repo), local_files_only=True))
     except Exception:  # noqa: BLE001 - the hub raises several types for "not cached"
         raise ModelPathError(f"--hf-path {path_or_repo}: not a folder and not in the Hugging Face cache; download it "
-                             f"first (about 17 GB for Wan2.1-T2V-1.3B):\n  {download_command(path_or_repo)}\nthen "
+                             f"first:\n  {download_command(path_or_repo)}\nthen "
                              f"run this command again") from None
 
 
@@ -93,6 +93,18 @@ def find(folder: Path) -> Snapshot:
     raise UsageError(f"--hf-path {folder}: not a Wan2.1 snapshot: it has neither model_index.json (Diffusers layout) "
                      f"nor a config.json with _class_name WanModel (original Wan-AI layout). A single DiT checkpoint "
                      f"goes with --dit (plus --hf-path BASE for the text encoder and tokenizer)")
+
+
+def base_head_dim(snap: Snapshot) -> int | None:
+    """The base model's attention head width from its config (for a distilled ``--dit`` file without one)."""
+    path = snap.folder / ("config.json" if snap.layout == "wan" else "transformer/config.json")
+    if not path.is_file():
+        return None
+    config = _json(path)
+    if isinstance(config.get("attention_head_dim"), int):
+        return config["attention_head_dim"]
+    dim, heads = config.get("dim"), config.get("num_heads")
+    return dim // heads if isinstance(dim, int) and isinstance(heads, int) and heads > 0 and dim % heads == 0 else None
 
 
 def missing_report(snap: Snapshot, wanted: list[str]) -> str:

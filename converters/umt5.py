@@ -75,6 +75,8 @@ IGNORED_PREFIXES = ("decoder.", "lm_head.")
 
 
 def detect_layout(ckpt: Checkpoint) -> tuple[str, Checkpoint]:
+    if not len(ckpt):
+        raise ConversionError(f"{ckpt.source}: empty checkpoint")
     for name, (marker, _) in LAYOUTS.items():
         stripped = strip_common_prefix(ckpt, PREFIXES, marker)
         if marker in stripped:

@@ -138,6 +138,7 @@ def _from_metadata(path: str) -> dict:
     return dict(prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), height=meta.get("height"),
                 width=meta.get("width"), frames=meta.get("frames"), fps=meta.get("fps"), seed=meta.get("seed"),
                 model=meta.get("model_path") or meta.get("model"),
+                decoder=meta.get("decoder") if meta.get("decoder") in ("taehv", "wan-vae") else None,
                 sampler=dict(name=s.get("name"), steps=s.get("steps"), shift=s.get("shift"),
                              guidance=s.get("guidance"), denoising_step_list=s.get("denoising_step_list"),
                              warp=s.get("warp")))
@@ -244,6 +245,8 @@ def _requests(args) -> tuple[list[GenerationRequest], list[Path]]:
         requests.append(r)
     if args.model is None:
         args.model = base.get("model")
+    if args.decoder is None:  # a replay decodes with the decoder it was made with
+        args.decoder = base.get("decoder")
     if args.model is None:
         raise UsageError("--model is required")
     return requests, outputs
@@ -263,13 +266,18 @@ def run(args) -> int:
 
     loras = [parse_spec(text) for text in (args.lora or [])]
     check_folder(folder, loras)  # a bad LoRA is an error before any work
-    if args.extend_prompt:  # before any model of the folder loads; the LLM is freed before the text encoder
-        _extend(args, requests)
-    size = read_config(folder).get("sampler", {}).get("defaults") or {}  # the family's size (presets, e.g. fastwan)
+    sampler_section = read_config(folder).get("sampler")
+    size = sampler_section.get("defaults") if isinstance(sampler_section, dict) else None  # presets, e.g. fastwan
+    size = size if isinstance(size, dict) else {}
     for flag in ("height", "width", "frames"):
         if getattr(args, flag) is None and not args.config_from_metadata and isinstance(size.get(flag), int):
             for r in requests:
                 setattr(r, flag, size[flag])
+    for r in requests:
+        try:
+            r.validate()
+        except ValueError as exc:
+            raise UsageError(f"{folder}: config.json sampler.defaults: {exc}") from None
     demo = _demo_note(folder)
     if demo and not args.json_events:
         print(f"note: {args.model} is {demo}", file=sys.stderr)
@@ -279,6 +287,8 @@ def run(args) -> int:
                                                                            else []) for output in outputs}
     for output in outputs:  # every output is checked before the first run (fsio: replace only what we wrote)
         check_outputs(output, extras[output])
+    if args.extend_prompt:  # before any model of the folder loads; the LLM is freed before the text encoder
+        _extend(args, requests)
     for request, output in zip(requests, outputs):
         try:
             result = generate(folder, request, output, models=models, dtype=args.dtype,

@@ -284,33 +284,44 @@ def check_folder(folder: Path, specs: list[LoraSpec]) -> None:
     plan_merge({k: tuple(v["shape"]) for k, v in header.items()}, specs, kept_indices(folder, section))
 
 
+def _merge_each(weights: dict[str, mx.array], plan: list[tuple[str, Factors]], out_dtype: mx.Dtype | None):
+    """``(name, W + sum of its LoRAs' scale * B @ A)`` one weight at a time (fp32 sums, cast to ``out_dtype``)."""
+    by_name: dict[str, list[Factors]] = {}
+    for name, f in plan:
+        by_name.setdefault(name, []).append(f)
+    for name, fs in by_name.items():
+        w = weights[name].astype(mx.float32)
+        for f in fs:
+            w = w + f.scale * (mx.array(f.up) @ mx.array(f.down))
+        w = w.astype(out_dtype or weights[name].dtype)
+        mx.eval(w)
+        yield name, w
+
+
 def merged_weights(weights: dict[str, mx.array], specs: list[LoraSpec], kept: list[dict] | None = None,
                    out_dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-    """The weights each LoRA changes, merged (``W + scale * B @ A`` in fp32, cast to ``out_dtype``, default W's).
+    """The weights the LoRAs change, merged (``W + scale * B @ A`` in fp32, cast to ``out_dtype``, default W's).
 
     Every file is read and checked against ``weights`` (names, shapes) before anything is computed, so a bad
     file changes nothing."""
     plan = plan_merge({k: tuple(w.shape) for k, w in weights.items()}, specs, kept)
-    out: dict[str, mx.array] = {}
-    for name, f in plan:
-        base = out.get(name, weights[name])
-        delta = mx.array(f.up) @ mx.array(f.down)
-        out[name] = base.astype(mx.float32) + f.scale * delta
-    for name in out:
-        out[name] = out[name].astype(out_dtype or weights[name].dtype)
-    mx.eval(out)
-    return out
+    return dict(_merge_each(weights, plan, out_dtype))
 
 
 def apply_to_model(model, specs: list[LoraSpec], folder: Path | None = None, dit_section: dict | None = None) -> None:
-    """Merge LoRAs into a loaded DiT in place (``generate --lora``); the folder on disk is untouched."""
+    """Merge LoRAs into a loaded DiT in place (``generate --lora``); the folder on disk is untouched. All files
+    are checked first; then each weight is replaced as soon as it is merged, so the peak grows by one weight,
+    not by every weight a LoRA touches (LongLive's adapter touches all block Linears)."""
     if not specs:
         return
     from mlx.utils import tree_flatten, tree_unflatten
 
     weights = dict(tree_flatten(model.parameters()))
     kept = kept_indices(folder, dit_section or {}) if folder is not None else None
-    model.update(tree_unflatten(list(merged_weights(weights, specs, kept).items())))
+    plan = plan_merge({k: tuple(w.shape) for k, w in weights.items()}, specs, kept)
+    for name, merged in _merge_each(weights, plan, None):
+        model.update(tree_unflatten([(name, merged)]))
+        weights[name] = None  # drop this reference to the old weight now
 
 
 def describe(specs: list[LoraSpec]) -> list[dict]:

@@ -160,6 +160,17 @@ class MemoryPlanError(UsageError):
     """The job cannot run within the memory limit, whatever the chunking and tiling (exit 2, before any work)."""
 
 
+def encode_peak_bytes(config: dict, tokens: int, prompts: int, stream: bool) -> int:
+    """Predicted encode-stage peak of a model folder's ``config``: the text encoder's own peak and the stage's
+    output, each prompt's embeddings zero-padded to the DiT's text length."""
+    from .models import umt5
+
+    section = config["text_encoder"]
+    out_len = max(tokens, int(config.get("dit", {}).get("text_len", tokens)))
+    return (umt5.text_encoder_peak_bytes(section, tokens=tokens, batch=prompts, stream=stream)
+            + prompts * out_len * int(section.get("dim", 0)) * 4)
+
+
 def dit_peak_bytes(config: wan_dit.WanDiTConfig, latent_shape, weight_bytes: int, attention_budget: int) -> int:
     """Predicted DiT-stage peak: weights + per-prompt text K/V + the largest phase of one block.
 
@@ -217,8 +228,7 @@ def plan_memory(folder: Path, request: GenerationRequest, limit_bytes: int | Non
         from .models import umt5
 
         def encode_peak(streamed):
-            return umt5.text_encoder_peak_bytes(config["text_encoder"], tokens=text_tokens, batch=prompts,
-                                                stream=streamed)
+            return encode_peak_bytes(config, text_tokens, prompts, streamed)
 
         predicted["encode"] = encode_peak(stream)
         if predicted["encode"] > limit and not stream:
@@ -234,11 +244,17 @@ def plan_memory(folder: Path, request: GenerationRequest, limit_bytes: int | Non
                 return causal.causal_peak_bytes(c, shp, wb, budget, causal_cfg, 4 if mx.default_device() == mx.cpu else 2)
         else:
             dit_peak = dit_peak_bytes
-        predicted["denoise"] = dit_peak(dit_cfg, shape, weight_bytes, attention_budget)
+        # beside the DiT's own peak, the sampler's latent-sized buffers (x, noise, velocities with and without
+        # the prompt, x0; one block's worth for causal models) and each prompt's raw and embedded text stay
+        # alive through the stage
+        b, text_dim = shape[0], dit_cfg.text_dim
+        block = shape if causal_cfg is None else (shape[0], min(shape[1], causal_cfg.frames_per_block), *shape[2:])
+        sampler_bytes = 5 * math.prod(block) * 4 + 2 * b * dit_cfg.text_len * (text_dim + dit_cfg.dim) * 4
+        predicted["denoise"] = dit_peak(dit_cfg, shape, weight_bytes, attention_budget) + sampler_bytes
         first = attention_budget
         while predicted["denoise"] > limit and attention_budget > MIN_ATTENTION_BUDGET:
             attention_budget = max(MIN_ATTENTION_BUDGET, attention_budget // 2)
-            predicted["denoise"] = dit_peak(dit_cfg, shape, weight_bytes, attention_budget)
+            predicted["denoise"] = dit_peak(dit_cfg, shape, weight_bytes, attention_budget) + sampler_bytes
         if attention_budget != first:
             notes.append(f"attention chunks shrunk to a {attention_budget / 2**20:.0f} MB score budget")
     decoder_tile = None

@@ -62,6 +62,16 @@ def snapshots(tmp_path_factory):
     return {"dir": d, "orig": orig, "diff": diff, "wan": wan}
 
 
+def _generate_args(model, *extra):
+    import argparse
+
+    from mlx_video.generate import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["--model", str(model), "--prompt", "x", "--output", str(model.parent / "v.mp4"), *extra])
+
+
 def config_of(folder):
     return json.loads((folder / "config.json").read_text())
 
@@ -126,6 +136,11 @@ def test_mistakes_are_caught_before_anything_is_converted(snapshots, tmp_path, c
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
         assert not out.exists()
+    # a wrong text encoder file is found before the DiT is converted (exit 1: a file problem, not a flag)
+    assert main(["convert", "--hf-path", str(snapshots["orig"]), "--text-encoder",
+                 str(snapshots["orig"] / "diffusion_pytorch_model.safetensors"), "--mlx-path", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "diffusion_pytorch_model.safetensors" in err and "Traceback" not in err and not out.exists()
     partial = tmp_path / "partial"
     shutil.copytree(snapshots["orig"], partial)
     (partial / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
@@ -134,7 +149,7 @@ def test_mistakes_are_caught_before_anything_is_converted(snapshots, tmp_path, c
     assert "UMT5 text encoder" in err and "hf download Wan-AI/Wan2.1-T2V-1.3B" in err and not out.exists()
 
 
-def test_fastwan_snapshot_records_its_sampler_and_size(snapshots, tmp_path):
+def test_fastwan_snapshot_records_its_sampler_and_size(snapshots, tmp_path, monkeypatch):
     fast = tmp_path / "FastWan2.1-T2V-1.3B-Diffusers"
     shutil.copytree(snapshots["diff"], fast)
     (fast / "model_index.json").write_text(json.dumps({"_class_name": "WanDMDPipeline"}))
@@ -145,6 +160,14 @@ def test_fastwan_snapshot_records_its_sampler_and_size(snapshots, tmp_path):
     assert s["defaults"] == {"height": 448, "width": 832, "frames": 61}
     # integer steps, no warp: sigma lookup in the shift-8 table (checkpoints.md §0)
     np.testing.assert_allclose(schedule(sampler_config(s)).sigmas[:3], [1.0, 0.7567567, 0.5217391], atol=1e-6)
+    # generate takes the family's size when no flag is given (the run itself is replaced: only the request matters)
+    import mlx_video.generate as G
+
+    seen = []
+    monkeypatch.setattr(G, "generate", lambda folder, request, output, **kw: seen.append(request) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        G.run(_generate_args(tmp_path / "m"))
+    assert (seen[0].height, seen[0].width, seen[0].frames) == (448, 832, 61)
 
 
 def test_dit_from_a_distilled_checkpoint_with_the_base_encoder(snapshots, tmp_path):
@@ -154,7 +177,7 @@ def test_dit_from_a_distilled_checkpoint_with_the_base_encoder(snapshots, tmp_pa
              .replace("self_attn.", "self_attn._fsdp_wrapped_module.") for k in snapshots["wan"]}
     torch.save({"generator": {names[k]: v * 2 for k, v in snapshots["wan"].items()}}, pt)
     assert main(["convert", "--hf-path", str(snapshots["orig"]), "--dit", str(pt), "--preset", "causvid-bidirectional",
-                 "--head-dim", "32", "--mlx-path", str(tmp_path / "m")]) == 0
+                 "--mlx-path", str(tmp_path / "m")]) == 0  # head width 32 from the base's config.json
     config = config_of(tmp_path / "m")
     assert (config["sampler"]["preset"], config["sampler"]["denoising_step_list"]) == \
         ("causvid-bidirectional", [1000, 757, 522])

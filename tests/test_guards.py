@@ -222,10 +222,6 @@ def test_planned_decoder_tile_is_used_and_tiled_video_equals_untiled(model, tile
     np.testing.assert_array_equal(frames, np.round(np.clip(whole, 0, 1) * 255).astype(np.uint8))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 finding: on the small test model the plan under-predicts the "
-                   "denoise peak (~7.1 MB measured vs 5.1 MB planned) and the encode peak (~0.27-0.64 MB vs "
-                   "0.26 MB): fixed per-stage buffers (latents, velocity, text-embedding transients) are not in "
-                   "the prediction. Remove this mark when the planner covers them.")
 def test_measured_peaks_stay_within_the_plan(tiled_run):
     """Bug caught: a plan that promises less memory than a stage really takes (MLX's peak counter)."""
     stages = tiled_run["result"].stages
@@ -545,3 +541,96 @@ def test_errors_inside_the_writer_block_propagate_and_leave_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no frame_"):
         read_video(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------ ops (mutation)
+
+
+def _softmax_attention_f64(q, k, v, scale):
+    qn, kn, vn = (np.array(a, np.float64) for a in (q, k, v))
+    s = qn @ kn.swapaxes(-1, -2) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ vn
+
+
+def test_cpu_softmax_survives_extreme_scores_and_many_rows(monkeypatch):
+    """Bugs caught in the NumPy softmax: a shift by + max or by the global max (overflow / underflow to 0/0),
+    blocks iterated over the wrong axis (rows left unnormalised), and the fallback for a score buffer NumPy
+    cannot own computing something else."""
+    b, h, lq, lk, d = 1, 2, 200, 20, 8
+    q, k, v = (mx.random.normal((b, h, n, d), key=mx.random.key(10 + i)) for i, n in enumerate((lq, lk, lk)))
+    # scores of about +-100 in some rows and small ones in others: exp overflows without the per-row shift
+    q = q * mx.array(np.where(np.arange(lq) % 3 == 0, 12.0, 0.05).astype(np.float32))[None, None, :, None]
+    ref = _softmax_attention_f64(q, k, v, 1.0)
+    out = np.array(ops.attention(q, k, v, 1.0, budget_bytes=1 << 30, fused=False))
+    assert np.isfinite(out).all() and np.abs(out - ref).max() < 1e-4
+    monkeypatch.setattr(ops, "_owned_numpy_view", lambda a: None)  # a score buffer that is not ours to overwrite
+    out = np.array(ops.attention(q, k, v, 1.0, budget_bytes=1 << 30, fused=False))
+    assert np.abs(out - ref).max() < 1e-4
+
+
+def test_owned_numpy_view_refuses_non_contiguous_buffers():
+    a = mx.arange(12, dtype=mx.float32).reshape(3, 4)
+    view = ops._owned_numpy_view(a)
+    assert view is not None and view.shape == (3, 4) and view.flags.writeable
+    assert ops._owned_numpy_view(a.T) is None  # a transposed view: overwriting it in place would be wrong
+
+
+def test_numpy_fallbacks_without_the_native_kernels(monkeypatch):
+    """Where the native kernels are not built, LayerNorm and GELU run the NumPy row kernels: both must
+    match plain float64 formulas."""
+    from mlx_video import native
+
+    monkeypatch.setattr(native, "enabled", lambda: False)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 70, 48)) * 3 + 1).astype(np.float32)  # > 32 rows per batch: several blocks
+    mul, add = (rng.standard_normal((2, 1, 48)).astype(np.float32) for _ in range(2))
+    xd = x.astype(np.float64)
+    norm = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-6)
+    out = np.array(ops.modulated_layer_norm(mx.array(x), mx.array(mul), mx.array(add), 1e-6))
+    assert np.abs(out - (norm * mul + add)).max() < 1e-4
+    g = rng.standard_normal((70, 48)).astype(np.float32) * 4
+    gd = g.astype(np.float64)
+    ref = 0.5 * gd * (1 + np.tanh(np.sqrt(2 / np.pi) * (gd + 0.044715 * gd**3)))
+    assert np.abs(np.array(ops.gelu_tanh_fresh(mx.array(g) * 1.0)) - ref).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------- pipeline (mutation)
+
+
+def test_memory_figures_and_random_seeds():
+    """Bugs caught: memory figures in the wrong unit or rounding; a random seed outside the int32 range or
+    a constant one."""
+    GB = 1024**3
+    assert pipeline._gb(3 * GB) == "3.00 GB" and pipeline._gb(GB // 5) == "0.20 GB"
+    assert pipeline._gb(50 * MB) == "50 MB" and pipeline._gb(10 * MB) == "10 MB" and pipeline._gb(MB + MB // 2) == "1.5 MB"
+    seeds = {pipeline.random_seed() for _ in range(20)}
+    assert len(seeds) > 15 and all(0 <= s < 2**31 - 1 for s in seeds)
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_the_figures(model):
+    """Bug caught: a refusal that hides which stage does not fit and by how much."""
+    huge = pipeline.GenerationRequest(prompt="x", height=1024, width=1024, frames=81)
+    with pytest.raises(pipeline.MemoryPlanError) as info:
+        pipeline.plan_memory(model, huge, 64 * MB, low_memory=True)
+    message = str(info.value)
+    assert message.startswith("a 1024x1024x81 video does not fit the memory limit of 64 MB")
+    assert "predicted peaks per stage: " in message and "needs" in message
+    assert "--memory-limit" in message and "--height/--width/--frames" in message
+
+
+def test_kept_models_are_reused_with_their_dtype_and_the_requested_fps(model, tmp_path):
+    """Bugs caught: the decoder reloaded on every generation despite keep_models, loaded in the wrong dtype,
+    or writers ignoring the requested fps."""
+    models = pipeline.Models(model, "bfloat16")
+    req = pipeline.GenerationRequest(prompt="a fox", height=32, width=48, frames=5, seed=1, fps=10.0)
+    pipeline.generate(model, req, tmp_path / "a.mp4", models=models, keep_models=True, extra_outputs=[tmp_path / "a.gif"])
+    decoder = models.decoder
+    assert decoder is not None
+    from mlx.utils import tree_flatten
+
+    assert {v.dtype for _, v in tree_flatten(decoder.parameters()) if v.dtype != mx.float32} == {mx.bfloat16}
+    pipeline.generate(model, req, tmp_path / "b.mp4", models=models, keep_models=True)
+    assert models.decoder is decoder
+    assert video.video_info(tmp_path / "a.mp4").fps == pytest.approx(10.0)
+    assert video.video_info(tmp_path / "a.gif").fps == pytest.approx(10.0)

@@ -209,11 +209,9 @@ def test_plan_streams_a_resident_text_encoder_that_does_not_fit(demo, tmp_path):
     request = pipeline.GenerationRequest(prompt="x", height=32, width=48, frames=5)
     roomy = pipeline.plan_memory(demo, request, 4 * 2**30, low_memory=False, keep_models=True)
     assert roomy.stream_text_encoder is False
-    from mlx_video.models import umt5
-
     config = json.loads((demo / "config.json").read_text())
-    resident = umt5.text_encoder_peak_bytes(config["text_encoder"], tokens=512, stream=False)
-    streamed = umt5.text_encoder_peak_bytes(config["text_encoder"], tokens=512, stream=True)
+    resident = pipeline.encode_peak_bytes(config, 512, 1, stream=False)
+    streamed = pipeline.encode_peak_bytes(config, 512, 1, stream=True)
     assert streamed < resident
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(pipeline, "MIN_MEMORY_LIMIT", 1)

@@ -93,7 +93,7 @@ def assert_same(got: dict, ref: dict, atol=2e-6):
 
 
 @pytest.mark.parametrize("kind", ["peft", "kohya", "comfy"])
-def test_runtime_equals_merged_equals_torch_reference(base, tmp_path, kind):
+def test_runtime_equals_merged_equals_torch_reference(base, tmp_path, kind, capsys):
     f1, f2 = factors(base["wan"], seed=1), factors(base["wan"], MODULES[:4], seed=2)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -111,6 +111,9 @@ def test_runtime_equals_merged_equals_torch_reference(base, tmp_path, kind):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["dit"]["loras"] == [{"file": "one.safetensors", "scale": 0.7}, {"file": "two.safetensors",
                                                                                  "scale": -1.5}]
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "merged")]) == 0
+    assert "LoRAs merged: one.safetensors:0.7, two.safetensors:-1.5" in capsys.readouterr().out
     from mlx_video.lora import parse_spec
 
     plain_before = (base["dir"] / "plain" / "dit.safetensors").read_bytes()

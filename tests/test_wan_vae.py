@@ -105,6 +105,18 @@ def test_real_channel_widths_match_diffusers_on_a_tiny_latent(tmp_path):
     assert rel_error(np.array(wan_vae.encode(model, mx.array(frames))), reference_encode(vae, frames)) <= 1e-5
 
 
+def test_half_precision_keeps_the_norms_in_fp32(small):
+    """The GPU dtypes (run here on the CPU): bf16/fp16 convs, RMS norms and gammas in fp32, [0, 1] fp32 out."""
+    _, d, model = small
+    lat = mx.array(latents(2, 4, 6, seed=6))
+    ref = np.array(wan_vae.decode(model, lat))
+    for dtype, tol in ((mx.bfloat16, 0.05), (mx.float16, 0.01)):
+        half = wan_vae.load(d / "mlx", dtype=dtype)
+        assert half.decoder.conv_in.weight.dtype == dtype and half.decoder.norm_out.gamma.dtype == mx.float32
+        out = wan_vae.decode(half, lat)
+        assert out.dtype == mx.float32 and np.abs(np.array(out) - ref).max() <= tol
+
+
 def test_streaming_equals_whole_video_decoding(small):
     _, _, model = small
     lat = mx.array(latents(4, 6, 8, seed=4))
@@ -307,3 +319,7 @@ def test_generate_with_the_wan_vae_decoder_end_to_end(small, tmp_path, capsys):
     assert np.array_equal(np.array(default.latents), np.array(result.latents))
     assert main(cli + ["--output", str(tmp_path / "cli.mp4")]) == 0
     assert read_video(tmp_path / "cli.mp4").shape == (9, 48, 64, 3)
+    replay = ["generate", "--config-from-metadata", str(tmp_path / "cli.mp4.json"), "--output",
+              str(tmp_path / "replay.mp4"), "--quiet", "--no-prompt-cache"]
+    assert main(replay) == 0  # the sidecar records the decoder, and a replay uses it
+    assert json.loads((tmp_path / "replay.mp4.json").read_text())["decoder"] == "wan-vae"

@@ -9,7 +9,8 @@ Each stage adds one component to the model folder --out (created if needed):
 Training is seeded (--seed), shows a progress bar with the loss, writes <out>/train/<stage>/log.json and
 loss.png, and checkpoints atomically every --checkpoint-every steps; --resume continues a killed run
 from its last checkpoint (same flags). The folder works with `mlx-video generate --height 64 --width 64
---frames 17`, `info`, `prune`, `export-swift`, and is scored by `mlx-video eval`.
+--frames 17`, `info` and `prune`, and is scored by `mlx-video eval` (`export-swift` refuses it: the Swift
+port has no UniPC and no CFG, which the teacher samples with).
 """
 
 from __future__ import annotations

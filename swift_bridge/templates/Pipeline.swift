@@ -227,7 +227,7 @@ extension LightningVideoPipeline {
         }
         let info = ProcessInfo.processInfo
         let video = [request.height, request.width, request.frames]
-        let shape = "\(request.height)x\(request.width)x\(request.frames)"
+        let shape = "custom"  // the request's size is in `video`
         let model = folder.url.lastPathComponent
         let method = "lightning-video (Swift, mlx-swift) staged pipeline on \(label ?? machine); one run, models "
             + "loaded inside their stage"
