@@ -450,7 +450,8 @@ def test_ffmpeg_exit_status_is_checked(model, tmp_path, monkeypatch, capsys):
 
 def test_truncated_file_from_a_successful_ffmpeg_is_not_published(model, tmp_path, monkeypatch, capsys):
     # exits 0 but writes only a header: the frame count check catches it
-    _fake_ffmpeg(tmp_path, monkeypatch, 'cat > /dev/null; for a; do last="$a"; done; '
+    # (the frame-count probe's output is "-", stdout: the fake writes only real output paths)
+    _fake_ffmpeg(tmp_path, monkeypatch, 'cat > /dev/null; for a; do last="$a"; done; [ "$last" = - ] && exit 0; '
                  'printf "\\000\\000\\000\\030ftypisom\\000\\000\\002\\000" > "$last"; exit 0')
     out = tmp_path / "v" / "out.mp4"
     out.parent.mkdir()
