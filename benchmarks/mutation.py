@@ -271,7 +271,11 @@ def _markdown(data: dict) -> str:
     lines = ["# Mutation testing of the runtime core", "",
              f"Tool: {data['tool']}; generated {data['generated']} by `python -m benchmarks.mutation report`.",
              "Score = (killed + timeout) / (checked - equivalent). Mutants no selected test reaches count as not "
-             "caught.", "",
+             "caught. mutmut runs the mutants with the fastest tests first, so a run stopped at its time budget "
+             "(`not checked`) has measured the cheap part of the module; the score is of the checked mutants only.",
+             "", "Runs are of a snapshot of the checkout taken when each module's run started; tests written after "
+             "a module's last run are not reflected in its figures (a survivor they target still shows as NOT "
+             "caught until `python -m benchmarks.mutation rerun MODULE`).", "",
              "| module | file | mutants | not checked (time) | checked | killed | timeout | survived | no tests | "
              "equivalent | score (of checked) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

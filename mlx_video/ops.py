@@ -42,9 +42,9 @@ def attention_chunk_size(batch: int, heads: int, kv_len: int, budget_bytes: int 
     return max(1, int(budget_bytes // max(per_row, 1)))
 
 
-# Per-thread scratch of the native flash attention: a 128 x 512 score block and a 128-row accumulator
+# Per-thread scratch of the native flash attention: a 128 x 2048 score block and a 128-row accumulator
 # (head_dim <= 256), fp32 (native/src/kernels.cpp kQueryBlock, kKeyBlock).
-_NATIVE_ATTENTION_SCRATCH = (128 * 512 + 128 * 256) * 4
+_NATIVE_ATTENTION_SCRATCH = (128 * 2048 + 128 * 256) * 4
 
 
 def native_attention_used(dtype: mx.Dtype = mx.float32, fused: bool | None = None, native: bool | None = None) -> bool:

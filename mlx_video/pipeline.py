@@ -335,6 +335,7 @@ def _component_bytes(folder: Path, section: dict) -> int:
 @contextmanager
 def _stage(name: str, stats: dict[str, StageStats], events: Events, predicted: int | None = None,
            limit: int | None = None):
+    wan_dit.rope_tables.cache_clear()  # a stage starts with only what it needs alive (the limit is process-wide)
     free_memory()
     mx.reset_peak_memory()
     events({"event": "stage_start", "stage": name})

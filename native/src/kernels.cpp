@@ -148,7 +148,7 @@ int num_threads() {
 namespace {
 
 constexpr int kQueryBlock = 128;
-constexpr int kKeyBlock = 512;
+constexpr int kKeyBlock = 2048;
 
 struct View4 {  // a [B, H, L, D] fp32 view whose last axis is contiguous
   const float* data;
@@ -229,7 +229,7 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
           float m = row_max[r];
 #pragma omp simd reduction(max : m)
           for (int64_t c = 0; c < cols; ++c) m = srow[c] > m ? srow[c] : m;
-          float sum = 0.0f;
+          double sum = 0.0;  // up to kKeyBlock terms: summed in double, the row total stays exact to fp32
 #pragma omp simd reduction(+ : sum)
           for (int64_t c = 0; c < cols; ++c) {
             const float e = exp_approx(srow[c] - m);
@@ -241,7 +241,7 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
             float* arow = acc.data() + r * D;
             for (int64_t d = 0; d < D; ++d) arow[d] *= correction;
           }
-          row_sum[r] = row_sum[r] * correction + sum;
+          row_sum[r] = row_sum[r] * correction + static_cast<float>(sum);
           row_max[r] = m;
         }
         // acc += P V_blk   [rows, D]
