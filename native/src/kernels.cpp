@@ -148,7 +148,7 @@ int num_threads() {
 namespace {
 
 constexpr int kQueryBlock = 128;
-constexpr int kKeyBlock = 2048;
+constexpr int kKeyBlock = 512;
 
 struct View4 {  // a [B, H, L, D] fp32 view whose last axis is contiguous
   const float* data;
