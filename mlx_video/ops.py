@@ -308,3 +308,12 @@ def native_conv3x3(xs: list[mx.array], w: mx.array, bias: mx.array | None = None
     if (kernels := _native_cpu_fp32(*arrays)) is None:
         return None
     return kernels.conv3x3(xs, w, bias, relu)
+
+
+def native_upconv3x3(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array | None:
+    """``conv3x3(upsample_nearest(x, 2), w) + bias`` (TAEHV's upconv) by the native kernel (phases folded in
+    C++, the four 2x2 convs in one threaded pass, written interleaved), or None where that path is off."""
+    if (kernels := _native_cpu_fp32(x, w)) is None:
+        return None
+    return kernels.upconv3x3(x, w, bias)
+

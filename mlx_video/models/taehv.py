@@ -45,7 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import native as native_kernels
-from ..ops import native_conv3x3
+from ..ops import native_conv3x3, native_upconv3x3
 
 WEIGHTS_NAME = "decoder.safetensors"
 
@@ -267,14 +267,6 @@ def _fold_taps(w: mx.array, axis: int, phase: int) -> mx.array:
     phase ``phase``: phase 0 sees low-res (i-1, i) with (w0, w1 + w2); phase 1 sees (i, i+1) with (w0 + w1, w2)."""
     t0, t1, t2 = (mx.take(w, mx.array([j]), axis=axis) for j in range(3))
     return mx.concatenate([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], axis=axis)
-
-
-def native_upconv3x3(x: mx.array, w: mx.array, bias: mx.array | None) -> mx.array | None:
-    """:func:`upconv_forward` by the native kernel (phases folded in C++, the four 2x2 convs in one
-    threaded pass, written interleaved), or None where the native path is off."""
-    if not native_kernels.enabled() or any(a.dtype != mx.float32 for a in (x, w)):
-        return None
-    return native_kernels.kernels().upconv3x3(x, w, bias)
 
 
 def upconv_forward(layer: Conv, x: mx.array, sync: bool = False) -> mx.array:
