@@ -537,11 +537,11 @@ def run(args) -> int:
         return run_verify_only(args, say)
     check = None
     if getattr(args, "verify", False):
-        from .verify import SwiftToolchainMissing, swift_check
+        from .verify import SwiftBuildUnavailable, swift_check
 
         try:
             check = swift_check(say)  # before any work
-        except SwiftToolchainMissing as exc:
+        except SwiftBuildUnavailable as exc:
             print(f"mlx-video export-swift: error: {exc}", file=sys.stderr)
             return 1
     try:

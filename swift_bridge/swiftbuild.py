@@ -35,8 +35,20 @@ GOLDEN_LINE = re.compile(r"GOLDEN (.+?): relative error (\S+) \(tolerance (\S+)\
 TEST_CASE = re.compile(r"Test Case '(?:-\[)?([\w.]+?)(?:\s(\w+))?\]?' (passed|failed|skipped)")
 
 
-class SwiftToolchainMissing(RuntimeError):
+class SwiftBuildUnavailable(RuntimeError):
+    """The export cannot be compiled here (reported before any work)."""
+
+
+class SwiftToolchainMissing(SwiftBuildUnavailable):
     """No ``swift`` on PATH."""
+
+
+class ForeignWorkspace(SwiftBuildUnavailable):
+    """The build workspace holds files this tool did not make: mirroring would delete them."""
+
+
+# Written into a workspace we created; mirroring (which deletes files the export lacks) runs only where it is.
+WORKSPACE_MARKER = ".mlx-video-swift-workspace"
 
 
 @dataclass
@@ -71,6 +83,26 @@ def swift_version() -> str | None:
 def default_workspace() -> Path:
     root = os.environ.get("MLX_VIDEO_SWIFT_BUILD")
     return Path(root) if root else Path(tempfile.gettempdir()) / f"mlx-video-swift-{os.getuid()}"
+
+
+def claim_workspace(workspace: Path) -> Path:
+    """Create ``workspace`` or check that it is ours (empty, or holding our marker); returns it absolute."""
+    workspace = workspace.absolute()
+    if workspace.is_symlink() or (workspace.exists() and not workspace.is_dir()):
+        raise ForeignWorkspace(f"the Swift build workspace {workspace} is not a plain folder; set "
+                               "MLX_VIDEO_SWIFT_BUILD to an empty or new folder")
+    workspace.mkdir(parents=True, exist_ok=True)
+    marker = workspace / WORKSPACE_MARKER
+    if not marker.is_file():
+        # A workspace from before the marker existed holds only our two packages: adopt it.
+        ours = {".lock", STANDIN_PACKAGE, PACKAGE_DIR}
+        legacy = (workspace / STANDIN_PACKAGE / "Package.swift").is_file()
+        if any(p.name not in ours or not legacy for p in workspace.iterdir() if p.name != ".lock"):
+            raise ForeignWorkspace(f"the Swift build workspace {workspace} holds files mlx-video did not make "
+                                   f"(no {WORKSPACE_MARKER}); builds there would delete them. Set "
+                                   "MLX_VIDEO_SWIFT_BUILD to an empty or new folder")
+        marker.write_text("mlx-video export-swift build workspace: files here are rewritten and deleted\n")
+    return workspace
 
 
 def _mirror(src: Path, dst: Path, keep: tuple[str, ...] = (".build",)) -> None:
@@ -161,8 +193,7 @@ def build_and_test(package: Path, workspace: Path | None = None, timeout: float 
         raise SwiftToolchainMissing("`swift` is not on PATH: install a Swift toolchain (swift.org, 6.x) to compile "
                                     "the export on this machine")
     result = SwiftResult(swift_lines=swift_lines(package))
-    workspace = (workspace or default_workspace()).absolute()
-    workspace.mkdir(parents=True, exist_ok=True)
+    workspace = claim_workspace(workspace or default_workspace())
     with open(workspace / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per workspace at a time
         _mirror(STANDIN, workspace / STANDIN_PACKAGE)

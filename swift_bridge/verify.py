@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .swiftbuild import SwiftResult, SwiftToolchainMissing, build_and_test, manifest_problems
+from .swiftbuild import SwiftBuildUnavailable, SwiftResult, SwiftToolchainMissing, build_and_test, manifest_problems
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Verification:
 
 def verify_export(out: str | Path, say=lambda msg: None, check_hashes: bool = True,
                   workspace: Path | None = None) -> Verification:
-    """Run the checks above on the export in ``out``. Raises ``SwiftToolchainMissing`` without ``swift``."""
+    """Run the checks above on the export in ``out``. Raises ``SwiftBuildUnavailable`` without ``swift`` or a usable workspace."""
     from .export import verify_package
 
     out = Path(out).absolute()
@@ -81,11 +81,12 @@ def swift_check(say):
     """``export-swift --verify``: a check for ``export(check=...)`` that verifies the finished package before it
     replaces OUT_DIR (hashes are fresh by construction) and refuses it with the problems found."""
     from .export import ExportError
-    from .swiftbuild import swift_executable
+    from .swiftbuild import claim_workspace, default_workspace, swift_executable
 
     if swift_executable() is None:
         raise SwiftToolchainMissing("`swift` is not on PATH: --verify compiles the export with a Swift toolchain "
                                     "(swift.org, 6.x); export without --verify, or install one")
+    claim_workspace(default_workspace())
 
     def check(folder: Path) -> None:
         report = verify_export(folder, say=say, check_hashes=False)
@@ -109,7 +110,7 @@ def run_verify_only(args, say) -> int:
         return 1
     try:
         report = verify_export(out, say=say)
-    except SwiftToolchainMissing as exc:
+    except SwiftBuildUnavailable as exc:
         say(f"mlx-video export-swift: error: {exc}")
         return 1
     return report_verification(report, say)

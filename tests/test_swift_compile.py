@@ -27,8 +27,8 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_video import cli
 from swift_bridge import standin_fixtures
-from swift_bridge.swiftbuild import (STANDIN, _mirror, build_and_test, manifest_problems, override_manifest,
-                                     runner_path, swift_executable)
+from swift_bridge.swiftbuild import (STANDIN, WORKSPACE_MARKER, _mirror, build_and_test, claim_workspace,
+                                     manifest_problems, override_manifest, runner_path, swift_executable)
 from swift_bridge.verify import verify_export
 from swift_bridge.weights import header_dtypes
 from tests.test_swift_bridge import QUANT, make_model_folder, spiece  # noqa: F401  (spiece: a module fixture)
@@ -45,7 +45,7 @@ GOLDEN_TESTS = {"testDiTVelocity", "testTextEncoder", "testDecoderStreamingMatch
 
 @pytest.fixture(scope="session")
 def swift_workspace(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("swift-workspace")
+    return claim_workspace(tmp_path_factory.mktemp("swift-workspace"))
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +220,25 @@ def test_a_package_failing_verify_is_not_written(source_folder, tmp_path, capsys
     monkeypatch.setenv("PATH", str(tmp_path))
     assert cli.main(["export-swift", "--model", str(source_folder), str(out), "--verify"]) == 1
     assert "`swift` is not on PATH" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_foreign_build_workspace_is_refused_before_any_work(source_folder, tmp_path, capsys, monkeypatch):
+    """The build mirrors exports into $MLX_VIDEO_SWIFT_BUILD and deletes what the export lacks: a folder we
+    did not make (no marker) is refused, its files kept, and nothing is exported."""
+    foreign = tmp_path / "my-folder"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    monkeypatch.setenv("MLX_VIDEO_SWIFT_BUILD", str(foreign))
+    out = tmp_path / "LightningVideo"
+    assert cli.main(["export-swift", "--model", str(source_folder), str(out), "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "holds files mlx-video did not make" in err and "MLX_VIDEO_SWIFT_BUILD" in err
+    assert (foreign / "thesis.tex").read_text() == "precious" and sorted(p.name for p in foreign.iterdir()) == [
+        "thesis.tex"]
+    assert not out.exists() and not list(tmp_path.glob(".LightningVideo.partial-*"))
+    empty = tmp_path / "new-workspace"
+    assert claim_workspace(empty) == empty.absolute() and (empty / WORKSPACE_MARKER).is_file()
+    assert claim_workspace(empty) == empty.absolute()  # ours now: accepted again
 
 
 def test_verify_only_usage_and_missing_toolchain(verified, tmp_path, capsys, monkeypatch):
