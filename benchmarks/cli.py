@@ -38,6 +38,9 @@ STAGES = {"matmul": "the machine's fp32 matmul rate (start and end of the run)",
           "encode": "UMT5-xxl INT4 text encoding vs transformers",
           "dit": "one DiT step and a 4-step denoise vs diffusers",
           "decode": "TAEHV streaming decode vs the PyTorch TAEHV",
+          "vae": "Wan2.1 VAE decode vs diffusers AutoencoderKLWan, and vs TAEHV where decode runs too (slow)",
+          "causal": "block-causal presets (self-forcing, longlive, rolling-forcing) vs a PyTorch causal loop: time to "
+                    "first block, per block, video fps, peak memory with the KV cache",
           "model": "your model folder (--model) end to end through the pipeline: encode, denoise, decode"}
 DEFAULT_STAGES = "matmul,encode,dit,decode"
 DEFAULT_SHAPES = "small,device,paper"
@@ -253,6 +256,14 @@ def collect(args) -> dict:
             from benchmarks.decoder import bench_decoder
 
             bench_decoder(args, args.quick, args.shapes_list, torch_side, mlx_dtype, work, results)
+        if "vae" in stages:
+            from benchmarks.decoder import bench_wan_vae
+
+            bench_wan_vae(args, args.quick, args.shapes_list, torch_side, mlx_dtype, work, results)
+        if "causal" in stages:
+            from benchmarks.causal import bench_causal
+
+            bench_causal(args, args.quick, args.shapes_list, torch_side, mlx_dtype, work, results)
         if "model" in stages:
             from benchmarks.model_folder import bench_model_folder
 

@@ -228,3 +228,151 @@ def profile_decoder(model, ref, torch_side, z, z_np, tile, shape_name, latents: 
                                      "fraction": e.self_cpu_time_total / 1e6 / total_ref, "calls": e.count}
                                     for e in rows]}
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The Wan2.1 VAE (issue #17): MLX vs diffusers AutoencoderKLWan, and vs TAEHV at the same shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def wan_vae_decode_flops(model, shape) -> float:
+    """Model FLOPs of a Wan VAE decode of latents ``(B, T, H, W, 16)``: every conv tap (the causal zero taps
+    included, as the architecture defines them) and the mid-block attention, 2 per multiply-add."""
+    import math
+
+    from mlx_video.models import wan_vae
+
+    b, t, h, w = (int(v) for v in shape[:4])
+    total = 2.0 * b * t * h * w * model.post_quant_conv.weight.size
+    frames = t
+    for seg in wan_vae.decoder_segments(model):
+        for kind, m, _ in seg.ops:
+            px = b * frames * h * w
+            if kind == "res":
+                convs = [m.conv1, m.conv2] + ([m.conv_shortcut] if "conv_shortcut" in m else [])
+                total += sum(2.0 * px * c.weight.size for c in convs)
+            elif kind == "conv":
+                total += 2.0 * px * m.weight.size
+            elif kind == "head":
+                total += 2.0 * px * m.conv_out.weight.size
+            elif kind == "attn":
+                c, n = m.norm.gamma.shape[0], h * w
+                total += 2.0 * b * frames * (4 * n * c * c + 2 * n * n * c)  # q/k/v + proj, scores + values
+            elif kind == "up":
+                if "time_conv" in m:
+                    total += 2.0 * b * (frames - 1) * h * w * m.time_conv.weight.size
+                    frames = 2 * frames - 1
+                total += 2.0 * b * frames * (2 * h) * (2 * w) * m.resample[1].weight.size
+        h, w = h * seg.scale, w * seg.scale
+    assert frames == model.config.num_frames(t), (frames, t)
+    return math.fsum([total])
+
+
+def bench_wan_vae(args, quick: bool, shapes: list[str], torch_side, mlx_dtype, work: Path, results: dict) -> None:
+    """Stage ``vae``: Wan2.1 VAE decode (random weights at the real config; diffusers' init, seeded), MLX
+    ``wan_vae.decode_stream`` (the pipeline's mode, whole frames) against diffusers ``AutoencoderKLWan.decode``
+    (one latent at a time through its feature cache) on the same latents, runs alternating. Each run is
+    probed (MLX counter, RSS growth) and timed. With the ``decode`` stage in the same run, each shape also
+    gets the Wan VAE / TAEHV time ratio at the full-model figures."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from converters.common import update_config
+    from converters.wan_vae import convert_vae
+    from mlx_video import pipeline
+    from mlx_video.models import wan_vae
+
+    torch.manual_seed(args.seed)
+    kw = {"base_dim": 8} if quick else {}
+    ref = AutoencoderKLWan(**kw).eval()
+    root = work / "wan-vae"
+    ref.save_pretrained(root / "vae")
+    folder = root / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    update_config(folder, None, "vae", convert_vae(root / "vae", folder, mx.float32))
+    model = wan_vae.load(folder, mlx_dtype)
+    weight_bytes = _model_bytes(model)
+    name = "wan2.1-vae" if not quick else "tiny-wan-vae"
+    if torch_side is not None and (torch_side.device.type != "cpu" or torch_side.dtype != torch.float32):
+        ref.to(torch_side.device, torch_side.dtype)
+    mean = np.array(ref.config.latents_mean, np.float32)
+    std = np.array(ref.config.latents_std, np.float32)
+    rng = np.random.default_rng(args.seed)
+    for shape_name in shapes:
+        full_shape = latent_shape(shape_name)
+        limit_t = args.decode_latents.get(shape_name) if isinstance(args.decode_latents, dict) else None
+        t_run = min(full_shape[1], limit_t) if limit_t else full_shape[1]
+        lshape = (full_shape[0], t_run, *full_shape[2:])
+        z_np = rng.standard_normal(lshape).astype(np.float32)
+        z = mx.array(z_np).astype(mlx_dtype)
+        fl_run, fl_full = wan_vae_decode_flops(model, lshape), wan_vae_decode_flops(model, full_shape)
+        scale = fl_full / fl_run
+        plan = pipeline.plan_memory(folder, request_for(shape_name if not quick else "tiny"), None, False,
+                                    decoder="wan-vae")
+        tile = plan.decoder_tile
+        entry = {"stage": "vae_decode", "model": name, "shape": shape_name, "video": list(SHAPES[shape_name]),
+                 "latent": list(full_shape), "latent_frames_timed": t_run,
+                 "frames": model.config.num_frames(full_shape[1]), "tile": tile,
+                 "method": (f"timed on {t_run} of {full_shape[1]} latent frames (streaming: the cost per later latent "
+                            f"frame is constant); full time = timed x FLOP ratio ({scale:.2f})")
+                 if t_run != full_shape[1] else "measured (all frames)",
+                 "scale": scale, "flops": {"timed": fl_run, "full_model": fl_full},
+                 "modes": "MLX: wan_vae.decode_stream (the pipeline's mode); reference: diffusers "
+                          "AutoencoderKLWan.decode (fp32, one latent at a time through its feature cache); each run "
+                          "probed and timed, MLX and PyTorch alternating"}
+        print(f"[bench] vae decode {name} {shape_name} latents={lshape}", file=sys.stderr, flush=True)
+        list(wan_vae.decode_stream(model, z[:, :1], tile=tile))  # warm-up (one latent frame)
+        n_frames = model.config.num_frames(t_run)
+        kept: dict[str, list] = {"mlx": [], "reference": []}
+
+        def mlx_decode(keep, z=z, tile=tile, n_frames=n_frames):
+            for k, fr in enumerate(wan_vae.decode_stream(model, z, tile=tile)):
+                mx.eval(fr)
+                if keep is not None and k in (0, n_frames - 1):
+                    keep.append(np.array(fr[0].astype(mx.float32)))
+
+        fns = {"mlx": mlx_decode}
+        if torch_side is not None:
+            tz = torch_side.tensor((z_np * std + mean).transpose(0, 4, 1, 2, 3))
+            with torch.no_grad():
+                ref.decode(tz[:, :, :1])  # warm-up
+
+            def ref_decode(keep, tz=tz, n_frames=n_frames):
+                with torch.no_grad():
+                    video = ref.decode(tz).sample  # [B, 3, F, H, W] in [-1, 1]
+                torch_side.sync()
+                if keep is not None:
+                    for k in (0, n_frames - 1):
+                        keep.append((video[0, :, k].permute(1, 2, 0).float().cpu().numpy() * 0.5 + 0.5).clip(0, 1))
+
+            fns["reference"] = ref_decode
+        samples = {n: {"wall": [], "cpu": []} for n in fns}
+        repeats = args.shape_repeats.get(shape_name, args.repeats)
+        for r in range(repeats):
+            for side in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                with Probe(torch_side if side == "reference" else None) as p:
+                    fns[side](kept[side] if r == 0 else None)
+                samples[side]["wall"].append(p.seconds)
+                samples[side]["cpu"].append(p.cpu_seconds)
+                if r == 0:
+                    mem = p.as_dict(mlx=side == "mlx")
+                    entry[side] = {"memory": mem}
+        entry["mlx"].update({"predicted_peak_bytes": plan.predicted.get("decode"), "weights_bytes_loaded": weight_bytes})
+        if "reference" in entry:
+            entry["reference"]["name"] = f"diffusers AutoencoderKLWan (torch {torch.__version__})"
+            entry["parity_max_abs_diff"] = float(max(np.abs(a - b).max() for a, b in zip(kept["mlx"], kept["reference"])))
+        _record_timings(entry, samples, fl_run, scale)
+        taehv = next((s for s in results["stages"] if s["stage"] == "decode" and s["shape"] == shape_name), None)
+        if taehv is not None:
+            entry["vs_taehv"] = {"taehv_model": taehv["model"],
+                                 "taehv_full_model_time_s": taehv["mlx"]["full_model_time_s"],
+                                 "wan_vae_full_model_time_s": entry["mlx"]["full_model_time_s"],
+                                 "time_ratio_wan_vae_over_taehv": entry["mlx"]["full_model_time_s"]
+                                 / taehv["mlx"]["full_model_time_s"],
+                                 "peak_ratio_wan_vae_over_taehv": entry["mlx"]["memory"]["mlx_peak_bytes"]
+                                 / max(1, taehv["mlx"]["memory"]["mlx_peak_bytes"])}
+        results["stages"].append(entry)
+        gc.collect()
+        mx.clear_cache()

@@ -1,8 +1,14 @@
 """Mutation testing of the runtime core with mutmut 3 (not CI: minutes to hours on 2 cores).
 
     python -m benchmarks.mutation run sampling video ops pipeline   # one module after another
+    python -m benchmarks.mutation run prune --sample 60 --seed 19  # a fixed random sample of the mutants
     python -m benchmarks.mutation rerun sampling                    # re-test survivors after new tests
     python -m benchmarks.mutation report                            # benchmarks/results/mutation.{md,json}
+    python -m benchmarks.mutation planted                           # the issue's product bugs, planted by hand
+
+``--sample N`` checks N mutants drawn uniformly (``random.Random(seed)`` over the sorted mutant names) instead
+of all of them: on a shared 2-core machine a module's full set takes hours, and a uniform sample gives an
+unbiased score with a stated interval, where a run cut at its time budget measures only the cheap mutants.
 
 Each module runs in its own scratch copy of the repository (``$MUTATION_WORK``, default
 ``/tmp/mlx-video-mutation/<module>``) so that edits made in the checkout while a run is going do not mix
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -51,21 +58,41 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                                      G + "test_a_single_nan_or_inf_fails_the_finite_check",
                                      G + "test_one_black_frame_does_not_fail_the_video_but_an_all_black_one_does",
                                      G + "test_png_frame_folder_survives_a_crash_while_being_replaced",
-                                     G + "test_every_output_format_holds_the_decoded_frames"]),
+                                     G + "test_every_output_format_holds_the_decoded_frames",
+                                     "tests/test_mutation_video.py"]),
     "ops": ("mlx_video/ops.py", [G + "test_attention_chunk_size_counts_every_factor_of_the_score_buffer",
                                  G + "test_attention_really_runs_in_chunks_within_the_budget",
                                  G + "test_dit_uses_its_attention_budget_everywhere",
                                  G + "test_cpu_softmax_survives_extreme_scores_and_many_rows",
                                  G + "test_owned_numpy_view_refuses_non_contiguous_buffers",
-                                 G + "test_numpy_fallbacks_without_the_native_kernels", "tests/test_wan_dit.py"]),
-    "pipeline": ("mlx_video/pipeline.py", ["tests/test_guards.py"]),
-    "wan_dit": ("mlx_video/models/wan_dit.py", ["tests/test_wan_dit.py", "tests/test_wan_keys_independent.py"]),
+                                 G + "test_numpy_fallbacks_without_the_native_kernels", "tests/test_wan_dit.py",
+                                 "tests/test_mutation_ops.py"] + [
+        "tests/test_native.py::" + t for t in (
+            "test_flash_attention_matches_float64_and_the_mlx_path", "test_flash_attention_reads_strided_and_broadcast_operands",
+            "test_flash_attention_propagates_nan_so_fail_closed_checks_fire", "test_flash_attention_keeps_no_score_matrix",
+            "test_modulated_layer_norm_matches_float64", "test_gelu_tanh_matches_torch_float64", "test_rope_matches_the_mlx_path",
+            "test_conv3x3_of_a_channel_concatenation_matches_float64", "test_conv3x3_reads_a_tile_crop_in_place",
+            "test_upconv_matches_upsample_then_conv_in_float64", "test_a_stale_build_falls_back_with_a_reason",
+            "test_a_missing_build_runs_the_mlx_path_and_says_so")]),
+    "pipeline": ("mlx_video/pipeline.py", ["tests/test_guards.py", "tests/test_mutation_pipeline.py"] + [
+        "tests/test_hostile_cli.py::" + t for t in (
+            "test_memory_limit_below_the_plan_is_refused_before_any_work",
+            "test_a_job_the_machine_cannot_hold_is_refused_at_the_default_limit", "test_plan_shrinks_attention_chunks_to_fit",
+            "test_plan_gives_the_decoder_the_whole_limit_or_refuses_clearly",
+            "test_plan_streams_a_resident_text_encoder_that_does_not_fit", "test_a_stage_above_the_limit_warns")]),
+    "wan_dit": ("mlx_video/models/wan_dit.py", ["tests/test_wan_dit.py", "tests/test_wan_keys_independent.py",
+                                                "tests/test_mutation_models.py"]),
     "taehv": ("mlx_video/models/taehv.py", ["tests/test_taehv.py"]),
     "umt5": ("mlx_video/models/umt5.py", ["tests/test_umt5.py"]),
     "converters_common": ("converters/common.py", ["tests/test_convert_dit.py", "tests/test_wan_keys_independent.py",
+                                                   "tests/test_hostile_inputs.py", "tests/test_mutation_common.py",
                                                    G + "test_a_crash_between_the_renames_keeps_the_old_folder"]),
-    "prune": ("mlx_video/prune.py", ["tests/test_prune.py"]),
+    "prune": ("mlx_video/prune.py", ["tests/test_prune.py", "tests/test_mutation_prune.py"]),
 }
+# mutmut times only a test's call phase; module fixtures (a model built, a generation run) come on top and
+# must not read as a timeout ("caught"): a constant of seconds per mutant covers them (wall limit:
+# (tests' time + constant) x multiplier; CPU limit twice that). converters_common's fixtures build the source checkpoints (~10 s CPU).
+TIMEOUT_CONSTANT = {"converters_common": 40.0}
 BUILDS_MODEL = {"converters_common"}  # mutants here change how the model folder is built: no cached folder
 COPY = ["mlx_video", "converters", "swift_bridge", "benchmarks", "tests", "pyproject.toml"]
 CAUGHT = {"killed", "timeout"}
@@ -86,8 +113,10 @@ def _mutmut_section(module: str) -> str:
         "pytest_add_cli_args = ['-p', 'no:cacheprovider', '-q', '-x']",
         # torch and MLX start thread pools: fork each mutant from a clean server, not from a test process
         "process_isolation = 'forkserver'",
-        "timeout_multiplier = 3.0",
-        "timeout_constant = 2.0",
+        # a wall-clock limit of (time + constant) x multiplier: generous, since a niced run on a loaded
+        # machine (load 12 on 2 cores here) would otherwise read slow tests as timeouts ("caught")
+        "timeout_multiplier = 10.0",
+        f"timeout_constant = {TIMEOUT_CONSTANT.get(module, 20.0)}",
         "use_git_change_detection = false",
         "",
     ])
@@ -132,6 +161,71 @@ def _model_cache() -> Path:
     return cache
 
 
+# The product promises of issue 19, each checked by planting its bug by hand (one line, in a scratch copy)
+# and running the test that pins it: (what, file, original text, planted text, tests). mutmut's operators
+# do not write these bugs (swapped arguments, dropped list items, a reversed frame order).
+PLANTED = [
+    ("negative prompt swapped with the prompt under guidance", "mlx_video/pipeline.py",
+     "    text = dit.prepare_text(context[:1])\n    uncond = dit.prepare_text(context[1:2]) if",
+     "    text = dit.prepare_text(context[1:2] if sampler_cfg.uses_cfg else context[:1])\n"
+     "    uncond = dit.prepare_text(context[:1]) if", [G + "test_negative_prompt_is_the_unconditional_branch"]),
+    ("every prompt of a --prompt-file given the same seed", "mlx_video/generate.py", "seed=seed + i,", "seed=seed,",
+     [G + "test_prompt_file_gives_each_prompt_its_own_seed_and_output"]),
+    ("the planned decoder tile ignored by the pipeline", "mlx_video/pipeline.py",
+     "n = decode_to_video(models, latents, output, request.fps, plan.decoder_tile,",
+     "n = decode_to_video(models, latents, output, request.fps, None,",
+     [G + "test_planned_decoder_tile_is_used_and_tiled_video_equals_untiled"]),
+    ("decode peak under-predicted by half (measured peak above the plan)", "mlx_video/models/taehv.py",
+     "    return int((base + max(seg_peaks)) * itemsize) + _SLACK",
+     "    return (int((base + max(seg_peaks)) * itemsize) + _SLACK) // 2", [G + "test_measured_peaks_stay_within_the_plan"]),
+    ("denoise peak under-predicted by half (measured peak above the plan)", "mlx_video/pipeline.py",
+     "    return int(weight_bytes + text_kv + max(phases))", "    return int(weight_bytes + text_kv + max(phases)) // 2",
+     [G + "test_measured_peaks_stay_within_the_plan"]),
+    ("--gif writing nothing", "mlx_video/generate.py", "([output.with_suffix(\".gif\")] if args.gif else [])", "[]",
+     [G + "test_every_output_format_holds_the_decoded_frames"]),
+    ("--save-frames writing nothing", "mlx_video/generate.py", "([Path(args.save_frames)] if args.save_frames\n",
+     "([] if args.save_frames\n", [G + "test_every_output_format_holds_the_decoded_frames"]),
+    ("GIF frames in reverse order", "mlx_video/video.py", "np.stack(self._gif_frames)", "np.stack(self._gif_frames[::-1])",
+     [G + "test_every_output_format_holds_the_decoded_frames"]),
+    ("MP4 colour channels swapped", "mlx_video/video.py", "self._proc.stdin.write(np.ascontiguousarray(u8).tobytes())",
+     "self._proc.stdin.write(np.ascontiguousarray(u8[..., ::-1]).tobytes())",
+     [G + "test_every_output_format_holds_the_decoded_frames"]),
+    ("PNG frames numbered from 1 (the manifest names frame_00000.png)", "mlx_video/video.py",
+     "start = self.stats.frames - u8.shape[0]", "start = self.stats.frames - u8.shape[0] + 1",
+     [G + "test_every_output_format_holds_the_decoded_frames"]),
+]
+
+
+def planted() -> list[dict]:
+    """Plant each ``PLANTED`` bug in a scratch copy, run its tests; a bug is caught when they fail."""
+    d = WORK / "planted"
+    shutil.rmtree(d, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "results", "*.egg-info")
+    for name in COPY:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, d / name, **(
+            {"ignore": ignore} if (ROOT / name).is_dir() else {}))
+    env = dict(os.environ, PYTHONPATH=str(d), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               MLX_VIDEO_TEST_MODEL=str(_model_cache()))
+    results = []
+    for what, file, old, new, tests in PLANTED:
+        path = d / file
+        text = path.read_text()
+        if text.count(old) != 1:
+            results.append({"bug": what, "caught": None, "note": f"{file}: the original line is not there once"})
+            continue
+        path.write_text(text.replace(old, new))
+        start = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=d, env=env,
+                           capture_output=True, text=True)
+        path.write_text(text)
+        results.append({"bug": what, "file": file, "tests": tests, "caught": r.returncode != 0,
+                        "seconds": round(time.monotonic() - start, 1)})
+        print(f"{'caught' if r.returncode else 'MISSED'}: {what}", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mutation_planted.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def _mutmut(d: Path, *args: str, timeout: float | None = None, log=None) -> subprocess.CompletedProcess:
     # One thread per library: mutants are forked from a server that imported torch/MKL/MLX, and OpenMP
     # pools do not survive a fork (a forked child waiting on them hangs until its timeout).
@@ -143,7 +237,31 @@ def _mutmut(d: Path, *args: str, timeout: float | None = None, log=None) -> subp
                           stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def run(modules: list[str], budget_s: float, rerun: bool = False) -> None:
+def _sample_file(module: str) -> Path:
+    return workdir(module) / "sample.json"
+
+
+def sample_of(module: str) -> dict | None:
+    """The sample a ``--sample`` run checked: {"seed", "size", "of", "mutants"}; None for a full run."""
+    f = _sample_file(module)
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _draw_sample(module: str, d: Path, size: int, seed: int, log) -> list[str]:
+    """Generate the mutants and the per-test stats (a filter that matches no mutant makes mutmut stop right
+    after both), then draw ``size`` of them uniformly with ``random.Random(seed)`` from the sorted names,
+    so that the sample is reproducible and not biased towards cheap mutants."""
+    import random
+
+    _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+    names = sorted(_exit_codes(_meta(module)))
+    chosen = sorted(random.Random(seed).sample(names, min(size, len(names))))
+    _sample_file(module).write_text(json.dumps({"seed": seed, "size": len(chosen), "of": len(names),
+                                                "mutants": chosen}, indent=1))
+    return chosen
+
+
+def run(modules: list[str], budget_s: float, rerun: bool = False, sample: int = 0, seed: int = 19) -> None:
     deadline = time.monotonic() + budget_s
     for module in modules:
         left = deadline - time.monotonic()
@@ -151,9 +269,17 @@ def run(modules: list[str], budget_s: float, rerun: bool = False) -> None:
             print(f"{module}: skipped (time budget spent)", flush=True)
             continue
         d = prepare(module, fresh=not rerun)
+        if not rerun and _sample_file(module).exists():
+            _sample_file(module).unlink()
         args = ["run", "--max-children", "1"]
+        if sample and not rerun:
+            with open(d / "mutmut.log", "a") as log:
+                args += _draw_sample(module, d, sample, seed, log)
+            left = deadline - time.monotonic()
         if rerun:
-            survivors = [n for n, s in statuses(module).items() if s not in CAUGHT]
+            # "not checked" mutants of a sampled run are outside the sample: leave them out
+            skip = CAUGHT | ({"not checked"} if sample_of(module) else set())
+            survivors = [n for n, s in statuses(module).items() if s not in skip]
             if not survivors:
                 print(f"{module}: no survivors to re-run", flush=True)
                 continue
@@ -202,7 +328,32 @@ def statuses(module: str) -> dict[str, str]:
     return {k: status_by_exit_code[v] for k, v in codes.items()}
 
 
+def _function_source(text: str, fn: str) -> list[str] | None:
+    """The lines of ``def <fn>(`` in mutmut's mutated module (up to the next line indented no deeper)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(f"def {fn}("):
+            indent = len(line) - len(line.lstrip())
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+                end += 1
+            return [line[indent:] for line in lines[i:end]]
+    return None
+
+
 def _diff(module: str, name: str) -> str:
+    """The mutant's changed lines, read from mutmut's mutated copy of the module (``mutmut show`` as fallback:
+    one process per mutant, minutes for a report on a loaded machine)."""
+    mutated = workdir(module) / "mutants" / MODULES[module][0]
+    if mutated.exists():
+        import difflib
+
+        text, fn = mutated.read_text(), name.rsplit(".", 1)[-1]
+        orig, mutant = _function_source(text, fn.split("__mutmut_")[0] + "__mutmut_orig"), _function_source(text, fn)
+        if orig and mutant:
+            mutant[0] = orig[0]  # the def line differs by the name only
+            return "\n".join(line for line in difflib.unified_diff(orig, mutant, lineterm="", n=0)
+                             if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
     out = _mutmut(workdir(module), "show", name, timeout=120).stdout
     return "\n".join(line for line in out.splitlines() if line.startswith(("-", "+")) and
                      not line.startswith(("---", "+++")))
@@ -248,14 +399,26 @@ def report() -> dict:
         caught = sum(n for s, n in counts.items() if s in CAUGHT)
         checked = sum(n for s, n in counts.items() if s != "not checked")
         denominator = checked - n_equiv
+        sample = sample_of(module)
         data["modules"][module] = {
             "file": path, "tests": tests, "measured": True, "counts": counts, "checked": checked,
             "caught": caught, "equivalent": n_equiv, "complete": counts.get("not checked", 0) == 0,
-            "score": round(caught / denominator, 4) if denominator else None, "survivors": survivors}
+            "sample": None if sample is None else {k: sample[k] for k in ("seed", "size", "of")},
+            "score": round(caught / denominator, 4) if denominator else None,
+            "interval95": _wilson(caught, denominator), "survivors": survivors}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "mutation.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     (RESULTS / "mutation.md").write_text(_markdown(data))
     return data
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson interval of a score of k in n (the uncertainty of a sampled module's score)."""
+    if not n:
+        return None
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def _mutmut_version() -> str:
@@ -276,18 +439,32 @@ def _markdown(data: dict) -> str:
              "", "Runs are of a snapshot of the checkout taken when each module's run started; tests written after "
              "a module's last run are not reflected in its figures (a survivor they target still shows as NOT "
              "caught until `python -m benchmarks.mutation rerun MODULE`).", "",
-             "| module | file | mutants | not checked (time) | checked | killed | timeout | survived | no tests | "
-             "equivalent | score (of checked) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| module | file | mutants | sampled (seed) | not checked | checked | killed | timeout | survived | "
+             "no tests | equivalent | score (of checked) | 95% interval |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for module, m in data["modules"].items():
         if not m["measured"]:
-            lines.append(f"| {module} | `{m['file']}` | not run | | | | | | | | |")
+            lines.append(f"| {module} | `{m['file']}` | not run | | | | | | | | | | |")
             continue
         c = m["counts"]
         score = "n/a" if m["score"] is None else f"{100 * m['score']:.1f}%"
-        lines.append(f"| {module} | `{m['file']}` | {sum(c.values())} | {c.get('not checked', 0)} | {m['checked']} | "
-                     f"{c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
-                     f"{m['equivalent']} | {score} |")
+        sample = m.get("sample")
+        sampled = "all" if sample is None else f"{sample['size']} ({sample['seed']})"
+        ci = m.get("interval95")
+        ci = "" if not ci else f"{100 * ci[0]:.0f}-{100 * ci[1]:.0f}%"
+        lines.append(f"| {module} | `{m['file']}` | {sum(c.values())} | {sampled} | {c.get('not checked', 0)} | "
+                     f"{m['checked']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} | "
+                     f"{c.get('no tests', 0)} | {m['equivalent']} | {score} | {ci} |")
+    notes = RESULTS / "mutation_notes.md"  # hand-written: how the figures were obtained, before/after, timings
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
+    planted_file = RESULTS / "mutation_planted.json"
+    if planted_file.exists():
+        lines += ["", "## The issue's product bugs, planted by hand (`python -m benchmarks.mutation planted`)", "",
+                  "| bug | caught | by |", "| --- | --- | --- |"]
+        for r in json.loads(planted_file.read_text()):
+            by = ", ".join(f"`{t.split('::')[-1]}`" for t in r.get("tests", []))
+            lines.append(f"| {r['bug']} | {'yes' if r['caught'] else 'NO' if r['caught'] is False else '?'} | {by} |")
     lines += ["", "Test selection per module (mutmut then runs, per mutant, only the selected tests that reach the "
               "mutated function):", ""]
     lines += [f"- {module}: " + ", ".join(f"`{t}`" for t in m["tests"]) for module, m in data["modules"].items()]
@@ -309,8 +486,14 @@ def main(argv=None) -> int:
         s = sub.add_parser(cmd)
         s.add_argument("modules", nargs="*", default=list(MODULES), help=f"of: {', '.join(MODULES)}")
         s.add_argument("--budget", type=float, default=3600.0, help="seconds for all modules together")
+        s.add_argument("--sample", type=int, default=0, help="check only this many mutants per module, drawn "
+                       "at random (0: all)")
+        s.add_argument("--seed", type=int, default=19, help="seed of the --sample draw")
     sub.add_parser("report")
+    sub.add_parser("planted", help="plant the issue's product bugs by hand and check their tests fail")
     args = p.parse_args(argv)
+    if args.cmd == "planted":
+        return 0 if all(r["caught"] for r in planted()) else 1
     if args.cmd == "report":
         data = report()
         for module, m in data["modules"].items():
@@ -319,7 +502,7 @@ def main(argv=None) -> int:
     unknown = set(args.modules) - set(MODULES)
     if unknown:
         p.error(f"unknown module(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODULES)}")
-    run(args.modules, args.budget, rerun=args.cmd == "rerun")
+    run(args.modules, args.budget, rerun=args.cmd == "rerun", sample=args.sample, seed=args.seed)
     return 0
 
 

@@ -56,7 +56,7 @@ def _timed(side: dict | None) -> str:
 def _how(s: dict) -> str:
     if s["stage"] == "dit_step" or s["stage"] == "denoise_4_steps":
         return f"{s['layers_timed']}/{s['layers_total']} blocks" + (" (scaled)" if s["layers_timed"] != s["layers_total"] else "")
-    if s["stage"] == "decode":
+    if s["stage"] in ("decode", "vae_decode"):
         t, total = s["latent_frames_timed"], s["latent"][1]
         return f"{t}/{total} latents" + (" (scaled)" if t != total else "")
     if s["stage"] == "text_encoding":
@@ -178,6 +178,9 @@ def markdown(results: dict) -> str:
                        + f" on every call is {100 * s.get('profile', {}).get('int4_dequantize_share', 0):.0f}% of "
                        f"MLX's time.")
             out.append("")
+    from benchmarks.causal import markdown_lines as causal_lines
+
+    out += causal_lines(results)
     tg = results.get("targets", [])
     if tg:
         out += ["## Targets", "", "| target | model | case | value | met | note |", "|---|---|---|---|---|---|"]

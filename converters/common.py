@@ -144,9 +144,10 @@ def _open_torch(path: Path, select: str | None) -> Checkpoint:
     except Exception as exc:  # noqa: BLE001 - pickle errors come in many types
         raise _pickle_error(path, exc) from None
     if isinstance(obj, Mapping):
-        wrappers = [k for k in ("generator_ema", "generator", "state_dict", "model", "module") if k in obj
-                    and isinstance(obj[k], Mapping)]
-        if select is not None:
+        preferred = tuple(select) if isinstance(select, tuple) else ()
+        wrappers = [k for k in dict.fromkeys((*preferred, "generator_ema", "generator", "state_dict", "model",
+                                              "module")) if k in obj and isinstance(obj[k], Mapping)]
+        if isinstance(select, str):
             if select not in obj:
                 raise ConversionError(f"{path}: no entry {select!r} (top-level keys: {sorted(obj)[:10]})")
             obj = obj[select]
@@ -189,17 +190,25 @@ def pickle_code_references(path: Path) -> list[str]:
                 data = f.read(_MAX_PICKLE_SCAN_BYTES)
     except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
         return []
-    found, strings, memo = [], [], {}
+    # ``memo`` holds the memoized strings only; MEMOIZE numbers every memoized object (strings or not), and
+    # a PUT/MEMOIZE stores the string only when the stack's top is one (else a later GET would fetch a stale name)
+    found, strings, memo, memoized, top_is_string = [], [], {}, 0, False
     try:
         for op, arg, _ in pickletools.genops(io.BytesIO(data)):
             if isinstance(arg, str) and "UNICODE" in op.name or op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
                 strings.append(str(arg))
-            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[arg] = strings[-1]
-            elif op.name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                top_is_string = True
+                continue
+            if op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):  # the stack is unchanged
+                key = memoized if op.name == "MEMOIZE" else arg
+                memoized += op.name == "MEMOIZE"
+                if top_is_string:
+                    memo[key] = strings[-1]
+                continue
+            top_is_string = False
+            if op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
                 strings.append(memo[arg])
+                top_is_string = True
             if op.name in ("GLOBAL", "INST"):
                 found.append(str(arg).replace(" ", "."))
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
@@ -248,7 +257,8 @@ def _index_shards(folder: Path, index: Path) -> list[Path]:
 def open_checkpoint(path: str | os.PathLike, pattern: str = "*.safetensors", select: str | None = None) -> Checkpoint:
     """Open a checkpoint: one ``.safetensors``/``.pth``/``.pt``/``.bin`` file, a sharded safetensors
     folder (``*.safetensors.index.json``), or a folder of ``*.safetensors`` files matching ``pattern``.
-    ``select`` picks a top-level entry of a .pth dict (e.g. ``generator`` instead of ``generator_ema``).
+    ``select`` picks a top-level entry of a .pth dict (e.g. ``generator`` instead of ``generator_ema``); a tuple
+    of names is an order of preference instead (a preset's usual entry, used when the file has it).
     Only regular files and folders are read: a FIFO or a device such as ``/dev/zero`` is refused.
     """
     path = Path(path)

@@ -130,17 +130,27 @@ def _check_preset_and_dit(args) -> None:
     if args.dit:
         from .wan_dit import lora_specs, open_dit
 
-        layout, _ = open_dit(args.dit, args.select)
+        layout, ckpt = open_dit(args.dit, _dit_entries(args))
         need = required_layout(args.preset)
         if need and layout != need:
             raise ConvertUsageError(f"--preset {args.preset} is for a {need}-layout DiT, but {args.dit} has the "
                                     f"{layout} layout: wrong checkpoint or wrong preset")
+        _check_causal_preset(args, _dit_fields(layout, ckpt), args.dit)
         if args.lora:
             from mlx_video.lora import read_lora
 
             args.lora = lora_specs(args.lora)
             for spec in args.lora:
                 read_lora(spec)
+    elif _causal_name(args) and (Path(args.mlx_path) / "config.json").is_file():  # the folder's own DiT
+        from mlx_video.inputs import InputError, read_json
+
+        try:  # unvalidated, as update_config reads it: converting a section is how a broken one is fixed
+            dit = read_json(Path(args.mlx_path) / "config.json", "model config").get("dit")
+        except (InputError, OSError, ValueError, AttributeError):
+            dit = None
+        if isinstance(dit, dict):
+            _check_causal_preset(args, dit, Path(args.mlx_path) / "config.json")
     if args.text_encoder:  # a wrong or broken encoder file fails now, not after the DiT is written
         from .common import open_checkpoint
         from .umt5 import _tokenizer, detect_layout
@@ -159,6 +169,47 @@ def _check_preset_and_dit(args) -> None:
             vae = strip_common_prefix(vae, list(VAE_PREFIXES), marker)
         if len(vae):
             vae_layout(vae)
+
+
+def _causal_name(args) -> str | None:
+    return next((n for n in (args.preset, args.sampler) if n in CAUSAL_PRESETS), None)
+
+
+def _dit_entries(args):
+    from .presets import checkpoint_entries
+
+    return checkpoint_entries(_causal_name(args), args.select)
+
+
+def _dit_fields(layout: str, ckpt) -> dict:
+    """The fields of the ``dit`` section a causal preset depends on, from the checkpoint's headers only."""
+    patch = ckpt.shape("patch_embedding.weight") if "patch_embedding.weight" in ckpt else ()
+    head = next((k for k in ("head.head.weight", "proj_out.weight") if k in ckpt), None)
+    fields = {"source_layout": layout}
+    if len(patch) == 5:
+        fields.update(patch_size=list(patch[2:]), in_channels=int(patch[1]))
+        if head is not None:
+            fields["out_channels"] = int(ckpt.shape(head)[0]) // max(1, int(patch[2] * patch[3] * patch[4]))
+    return fields
+
+
+def _check_causal_preset(args, dit: dict, where) -> None:
+    """A causal preset that contradicts the DiT (``mlx_video.causal.dit_conflicts``), and LongLive without its
+    LoRA, are usage errors: refused before anything is written."""
+    from mlx_video.causal import dit_conflicts
+
+    name = _causal_name(args)
+    if name is None:
+        return
+    problems = dit_conflicts(dit, name)
+    if problems:
+        raise ConvertUsageError(f"--{'preset' if args.preset else 'sampler'} {name} contradicts {where}: "
+                                + "; ".join(problems))
+    if name == "longlive" and args.dit and not args.lora:
+        raise ConvertUsageError(f"--{'preset' if args.preset else 'sampler'} longlive: LongLive's base checkpoint runs "
+                                "only with its LoRA merged (checkpoints.md §3.3): add --lora lora.pt (for a checkpoint "
+                                "that already has it merged, convert it without the preset, then record it with "
+                                "`convert --sampler longlive --mlx-path FOLDER`)")
 
 
 def check_args(args) -> None:
@@ -214,7 +265,7 @@ def run(args) -> int:
             from .wan_dit import convert_dit
 
             section = convert_dit(args.dit, tmp, parse_dtype(args.dtype or "float32"), args.head_dim,
-                                  args.qk_norm, args.select, args.qk_norm_width, lora=args.lora)
+                                  args.qk_norm, _dit_entries(args), args.qk_norm_width, lora=args.lora)
             update_config(tmp, config_dir, "dit", section)
             config_dir = tmp
             _say(f"DiT: {section['num_layers']} layers, {readable_count(section['parameters'])} parameters "

@@ -46,6 +46,24 @@ PRESETS: dict[str, dict] = {
                                           warp=True, stochastic=False)),
 }
 
+# The .pth entry each family's own inference reads when its file holds both (checkpoints.md §1-§3): the
+# default elsewhere is `generator_ema`, the EMA weights Self-Forcing and its frame-wise successors run.
+CHECKPOINT_ENTRY = {
+    "causvid-ar": "generator",  # [CV] autoregressive_inference.py: torch.load(...)["generator"]
+    "causal-forcing": "generator",  # [CF] README: chunk-wise runs without --use_ema
+    "longlive": "generator",  # [LL] inference.py: use_ema false -> state["generator"]
+}
+
+
+def checkpoint_entries(preset: str | None, select: str | None) -> str | tuple[str, ...] | None:
+    """What ``open_checkpoint(select=...)`` gets: the user's ``--select``, else the preset's usual entry as a
+    preference (files holding one entry still load), else None (the default order)."""
+    if select is not None:
+        return select
+    entry = CHECKPOINT_ENTRY.get(preset or "")
+    return (entry,) if entry else None
+
+
 # Families this runtime cannot run faithfully: refused with the reason, never loaded partially.
 REFUSED = {
     "turbowan": "TurboWan2.1 replaces every self-attention with sparse-linear attention (SLA: top-k block-sparse "

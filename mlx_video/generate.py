@@ -40,8 +40,9 @@ def parser_kwargs() -> dict:
         "come from the model folder's config.json; flags override them. Every flag is checked before any "
         "model is loaded, and the memory plan against --memory-limit before any stage runs.",
         epilog="examples:\n"
+        "  mlx-video generate --prompt 'a red circle moving right on a black background'   # the built-in toy model\n"
+        "  mlx-video generate --model ./wan-mlx --prompt 'a red fox running through snow' --output fox.mp4\n"
         "  mlx-video demo --mlx-path demo-model     # a tiny random-weight model: its videos are coloured noise\n"
-        "  mlx-video generate --model demo-model --prompt 'a red fox running through snow' --output fox.mp4\n"
         f"  mlx-video generate --model ./wan-mlx --prompt '...' --sampler unipc   # {unipc['steps']} steps, "
         f"guidance {unipc['guidance']:g}\n"
         "exit status: 0 written, 1 failed while running (nothing is left at --output), 2 bad flags (nothing ran)",
@@ -51,12 +52,17 @@ def parser_kwargs() -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     fewstep, unipc = SAMPLER_DEFAULTS["fewstep"], SAMPLER_DEFAULTS["unipc"]
-    p.add_argument("--model", default=None, help="model folder (from `mlx-video convert` or `mlx-video demo`) or "
-                   "Hugging Face repo id already in the local cache (required unless --config-from-metadata)")
+    p.add_argument("--model", default=None, help="model folder (from `mlx-video convert` or `mlx-video recipe`) or "
+                   "Hugging Face repo id already in the local cache (default: the built-in toy Lightning Video, "
+                   "4 steps, 64x64, 17 frames, trained on the recipe's shapes world)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt")
     src.add_argument("--prompt-file", help="file with one prompt per line (one video each, named OUTPUT-000.mp4, "
                      "...; models stay loaded)")
+    src.add_argument("--prompt-schedule", metavar="FILE", help="block-causal models (LongLive): one video whose "
+                     "prompt changes; each line 'FRAME PROMPT' gives the video frame a prompt starts at (the first "
+                     "at 0). A switch takes effect at the next block, with the cached keys/values of the attention "
+                     "window recomputed under the new prompt, as LongLive does")
     p.add_argument("--negative-prompt", default=None, help="negative prompt, used only when guidance > 1 "
                    "(default: empty)")
     p.add_argument("--height", type=int, default=None,
@@ -134,9 +140,13 @@ def _from_metadata(path: str) -> dict:
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise UsageError(f"--config-from-metadata {path}: field {key!r} has the wrong type "
                              f"({type(value).__name__})")
+    schedule = meta.get("prompt_schedule") or []
+    if not isinstance(schedule, list) or not all(
+            isinstance(e, list) and len(e) == 2 and type(e[0]) is int and isinstance(e[1], str) for e in schedule):
+        raise UsageError(f"--config-from-metadata {path}: field 'prompt_schedule' must be [[frame, prompt], ...]")
     s = meta.get("sampler") or {}
     return dict(prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), height=meta.get("height"),
-                width=meta.get("width"), frames=meta.get("frames"), fps=meta.get("fps"), seed=meta.get("seed"),
+                prompt_schedule=schedule, width=meta.get("width"), frames=meta.get("frames"), fps=meta.get("fps"), seed=meta.get("seed"),
                 model=meta.get("model_path") or meta.get("model"),
                 decoder=meta.get("decoder") if meta.get("decoder") in ("taehv", "wan-vae") else None,
                 sampler=dict(name=s.get("name"), steps=s.get("steps"), shift=s.get("shift"),
@@ -192,6 +202,7 @@ def _check_output_name(flag: str, path: Path, folder_only: bool = False) -> None
 
 def _requests(args) -> tuple[list[GenerationRequest], list[Path]]:
     base = _from_metadata(args.config_from_metadata) if args.config_from_metadata else {}
+    schedule: list = []
 
     def pick(name):
         value = getattr(args, name)
@@ -207,11 +218,23 @@ def _requests(args) -> tuple[list[GenerationRequest], list[Path]]:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise UsageError(f"--prompt-file {args.prompt_file} has no prompts")
+    elif getattr(args, "prompt_schedule", None):
+        from .causal import parse_prompt_schedule
+        from .inputs import MAX_PROMPT_FILE_BYTES, InputError, read_text
+
+        try:
+            text = read_text(args.prompt_schedule, "--prompt-schedule", MAX_PROMPT_FILE_BYTES)
+        except InputError as exc:
+            raise UsageError(f"cannot read --prompt-schedule: {exc}") from None
+        entries = parse_prompt_schedule(text, f"--prompt-schedule {args.prompt_schedule}")
+        prompts, schedule = [entries[0][1]], entries[1:]
     else:
         prompt = args.prompt if args.prompt is not None else base.get("prompt")
         if prompt is None:
             raise UsageError("give --prompt, --prompt-file or --config-from-metadata")
         prompts = [prompt]
+        if args.prompt is None:  # a replay keeps its schedule
+            schedule = [tuple(e) for e in base.get("prompt_schedule") or []]
     sampler = dict(base.get("sampler") or {})
     if args.sampler is not None and args.sampler != sampler.get("name"):
         sampler = {"name": args.sampler}  # a different sampler: its own defaults, not the replayed ones
@@ -234,7 +257,7 @@ def _requests(args) -> tuple[list[GenerationRequest], list[Path]]:
     for i, prompt in enumerate(prompts):
         r = GenerationRequest(prompt=prompt, negative_prompt=pick("negative_prompt"), height=pick("height"),
                               width=pick("width"), frames=pick("frames"), seed=seed + i, fps=pick("fps"),
-                              sampler=sampler)
+                              sampler=sampler, prompt_schedule=list(schedule))
         try:
             r.validate()
             from .sampling import sampler_config
@@ -247,8 +270,11 @@ def _requests(args) -> tuple[list[GenerationRequest], list[Path]]:
         args.model = base.get("model")
     if args.decoder is None:  # a replay decodes with the decoder it was made with
         args.decoder = base.get("decoder")
-    if args.model is None:
-        raise UsageError("--model is required")
+    if args.model is None:  # the built-in toy Lightning Video (mlx_video/default_model)
+        from .default_model import path as default_model
+
+        args.model = str(default_model())
+        args.using_default_model = True
     return requests, outputs
 
 
@@ -279,6 +305,9 @@ def run(args) -> int:
         except ValueError as exc:
             raise UsageError(f"{folder}: config.json sampler.defaults: {exc}") from None
     demo = _demo_note(folder)
+    if getattr(args, "using_default_model", False) and not (args.quiet or args.json_events):
+        print(f"note: no --model: using the built-in toy model ({folder}); it knows the shapes world only, e.g. "
+              "'a red circle moving right on a black background'", file=sys.stderr)
     if demo and not args.json_events:
         print(f"note: {args.model} is {demo}", file=sys.stderr)
     events = (lambda e: print(json.dumps(e, default=str), flush=True)) if args.json_events else None

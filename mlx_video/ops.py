@@ -115,7 +115,21 @@ def _attend(q, kt, v):
     return probs @ v
 
 
-_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="mlx-video-cpu")
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="mlx-video-cpu")
+
+
+_POOL = _new_pool()
+
+
+def _pool_after_fork() -> None:
+    # A forked child (multiprocessing's default start method on Linux) inherits the pool without its worker
+    # threads: once the parent has used it, map() in the child waits forever. The child gets a fresh pool.
+    global _POOL
+    _POOL = _new_pool()
+
+
+os.register_at_fork(after_in_child=_pool_after_fork)
 
 
 def _rows_parallel(fn, *arrays: np.ndarray) -> list:

@@ -54,6 +54,8 @@ class GenerationRequest:
     fps: float = 16.0
     sampler: dict = field(default_factory=dict)  # overrides of the model's sampler section
     prompt_extension: dict | None = None  # generate --extend-prompt: {"model", "original_prompt"} (prompt = extended)
+    # block-causal models (LongLive): [(video frame, prompt), ...], the prompts that take over after `prompt`
+    prompt_schedule: list = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -67,6 +69,10 @@ class GenerationRequest:
             raise ValueError(f"frames must be of the form 4k+1 (e.g. {4 * k + 1} or {4 * k + 5}), got {self.frames}")
         if self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
+        for entry in self.prompt_schedule:
+            if len(entry) != 2 or not isinstance(entry[1], str) or not entry[1].strip():
+                raise ValueError(f"prompt schedule entries are (video frame, prompt) with a non-empty prompt, got "
+                                 f"{entry!r:.80}")
 
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         return (1, (self.frames - 1) // VAE_STRIDE[0] + 1, self.height // VAE_STRIDE[1], self.width // VAE_STRIDE[2],
@@ -248,7 +254,7 @@ def plan_memory(folder: Path, request: GenerationRequest, limit_bytes: int | Non
         # the prompt, x0; one block's worth for causal models) and each prompt's raw and embedded text stay
         # alive through the stage
         b, text_dim = shape[0], dit_cfg.text_dim
-        block = shape if causal_cfg is None else (shape[0], min(shape[1], causal_cfg.frames_per_block), *shape[2:])
+        block = shape if causal_cfg is None else (shape[0], min(shape[1], causal_cfg.query_frames), *shape[2:])
         sampler_bytes = 5 * math.prod(block) * 4 + 2 * b * dit_cfg.text_len * (text_dim + dit_cfg.dim) * 4
         predicted["denoise"] = dit_peak(dit_cfg, shape, weight_bytes, attention_budget) + sampler_bytes
         first = attention_budget
@@ -490,10 +496,15 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
     causal_cfg = causal.causal_config(config.get("sampler"), where=str(Path(folder) / "config.json"))
     if causal_cfg is not None:  # block-causal model: its frame count and sampler are checked before any work
         causal_cfg.check_frames(request.latent_shape()[1])
+        causal.check_dit(config.get("dit") or {}, config["sampler"].get("preset"), str(Path(folder) / "config.json"))
+        causal_cfg.switch_blocks([f for f, _ in request.prompt_schedule], request.frames)  # clear errors now
         if sampler_cfg.name != "fewstep" or sampler_cfg.uses_cfg:
             raise UsageError(f"{folder} holds a block-causal model ({config['sampler'].get('preset', 'causal')}): it "
                              f"samples with its few-step schedule and no guidance, not {sampler_cfg.name!r} with "
                              f"guidance {sampler_cfg.guidance}")
+    if request.prompt_schedule and causal_cfg is None:
+        raise UsageError(f"{folder} holds a bidirectional model: a prompt schedule switches prompts between the blocks "
+                         f"of a block-causal model (LongLive), so it needs one")
     events = events or (lambda e: None)
     output = Path(output) if output is not None else None
     if output is not None:
@@ -502,7 +513,8 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
     models = models or Models(folder, parse_dtype(dtype), loras)
     if loras and models.dit is None:
         models.loras = list(loras)
-    prompts = [request.prompt] + ([request.negative_prompt] if sampler_cfg.uses_cfg else [])
+    prompts = [request.prompt] + ([request.negative_prompt] if sampler_cfg.uses_cfg else []) + \
+        [p for _, p in request.prompt_schedule]  # (causal models have no negative prompt)
     from .tokenizer import PromptTruncatedWarning, load_tokenizer
 
     if models.tokenizer is None:
@@ -522,6 +534,7 @@ def generate(model: str | os.PathLike | Models, request: GenerationRequest,
         "sampler": asdict(sampler_cfg), "timesteps": sampling.schedule(sampler_cfg).timesteps,
         "loras": [{"file": str(s.path), "scale": s.scale} for s in models.loras],
         **({"prompt_extension": request.prompt_extension} if request.prompt_extension else {}),
+        **({"prompt_schedule": [list(e) for e in request.prompt_schedule]} if request.prompt_schedule else {}),
         "model": str(model), "model_path": str(Path(folder).resolve()), "dtype": dtype, "memory_plan": plan.as_dict(),
         "low_memory": low_memory, "mlx_version": mx.__version__, "device": str(mx.default_device()),
         "decoder": decoder,

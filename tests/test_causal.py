@@ -139,6 +139,7 @@ def test_causal_loop_matches_reference(torch_model, mlx_model, preset, frames, w
     text = mlx_model.prepare_text(mx.array(CONTEXT))
     injected = [[to_mlx(e) for e in blk] for blk in renoise]
     out = causal.causal_sample(mlx_model, text, to_mlx(noise), cfg, ccfg, renoise=injected)
+    print(f"causal loop {preset} {frames} {window}: rel error {rel_error(from_mlx(out), expected):.1e}")
     assert rel_error(from_mlx(out), expected) <= 1e-4
 
 
@@ -224,23 +225,191 @@ def test_bad_frame_counts_are_clear_errors(mlx_model):
         next(causal.causal_blocks(mlx_model, text, mx.zeros((1, 3, H, W, 16)), cfg, ccfg))
 
 
-def test_windowed_memory_does_not_grow_with_length(mlx_model):
-    """MLX peak working set (peak minus what was live before) for 21 vs 42 latent frames, window 6 + sink 3."""
-    ccfg = causal.CausalConfig(frames_per_block=3, local_attn_frames=6, sink_frames=3, max_frames=None)
-    cfg = sampling.sampler_config(causal.preset_section("self-forcing"))
+WINDOWED = {  # a window + sink (LongLive's cache rules) and Rolling Forcing's fixed cache, at small sizes
+    "longlive": (causal.CausalConfig(frames_per_block=3, local_attn_frames=6, sink_frames=3, max_frames=None,
+                                     family="longlive"), "self-forcing", 2 * 2 * 2 * (6 * 16) * 32 * 4),
+    "rolling-forcing": (causal.CausalConfig(frames_per_block=3, max_frames=None, family="rolling-forcing",
+                                            window_blocks=5), "rolling-forcing", 2 * 2 * 2 * (24 * 16) * 32 * 4),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_windowed_memory_does_not_grow_with_length(mlx_model, name):
+    """MLX peak working set (peak minus what was live before) for 21 vs 42 latent frames, within 5%: with a
+    window the KV cache has a fixed size (the first run is a warm-up for one-time allocations)."""
+    ccfg, preset, cache_bytes = WINDOWED[name]
+    cfg = sampling.sampler_config(causal.preset_section(preset))
     text = mlx_model.prepare_text(mx.array(CONTEXT))
     peaks = []
-    for frames in (6, 21, 42):  # the first run is a warm-up (one-time allocations)
+    for frames in (15, 21, 42):
         noise = mx.zeros((1, frames, 8, 8, 16))
         mx.eval(noise)
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
         stats = {}
-        for _ in causal.causal_blocks(mlx_model, text, noise, cfg, ccfg, key=0, stats=stats):
-            pass
+        for x in causal.causal_blocks(mlx_model, text, noise, cfg, ccfg, key=0, stats=stats):
+            mx.eval(x)
         peaks.append(mx.get_peak_memory() - base)
-        print("causal windowed peak working set", frames, "latent frames:", peaks[-1], "bytes")
-        # fixed size: 2 layers x (K, V) x 2 heads x (6 frames x 16 tokens) x head_dim 32 x fp32
-        assert stats["kv_cache_bytes"] == 2 * 2 * 2 * (6 * 16) * 32 * 4
+        print(f"causal {name} peak working set", frames, "latent frames:", peaks[-1], "bytes")
+        # fixed size: 2 layers x (K, V) x 2 heads x (cache frames x 16 tokens) x head_dim 32 x fp32
+        assert stats["kv_cache_bytes"] == cache_bytes == causal.cache_bytes(mlx_model.config, noise.shape, ccfg, 4)
     assert abs(peaks[2] - peaks[1]) <= 0.05 * peaks[1], peaks
+
+
+def test_memory_plan_cache_sizes_at_the_paper_shape():
+    """Self-Forcing's cache at 480x832 (21 frames of 1560 tokens, 30 layers x 12 heads x 128, bf16): 6.04 GB, as
+    checkpoints.md §1 states (~6.0 GB); LongLive's 12-frame window and Rolling Forcing's 24 frames likewise, for
+    any length."""
+    cfg = wan_dit.wan2_1_1_3b()
+    per_frame = 30 * 2 * 1560 * 12 * 128 * 2
+    sf, ll, rf = (causal.causal_config(causal.preset_section(n))
+                  for n in ("self-forcing", "longlive", "rolling-forcing"))
+    assert causal.cache_bytes(cfg, (1, 21, 60, 104, 16), sf, 2) == 21 * per_frame == 6_038_323_200
+    for frames in (21, 84, 240):
+        assert causal.cache_bytes(cfg, (1, frames, 60, 104, 16), ll, 2) == 12 * per_frame
+        assert causal.cache_bytes(cfg, (1, frames, 60, 104, 16), rf, 2) == 24 * per_frame
+    lightning = wan_dit.lightning_video()  # 10 of 12 heads: the cache shrinks with the heads
+    assert causal.cache_bytes(lightning, (1, 21, 60, 104, 16), sf, 2) == 21 * per_frame * 10 // 12
+    # the planned peak of a windowed run does not depend on the length; Rolling Forcing's query is its window
+    assert causal.causal_peak_bytes(cfg, (1, 84, 60, 104, 16), 0, 1 << 28, ll, 2) == \
+        causal.causal_peak_bytes(cfg, (1, 240, 60, 104, 16), 0, 1 << 28, ll, 2)
+    assert rf.query_frames == 15 and ll.query_frames == 3 and rf.attention_frames(126) == 21
+
+
+# --------------------------------------------------------------------------------------------------
+# LongLive prompt switching with KV re-caching, and Rolling Forcing, vs the PyTorch reference (<= 1e-4)
+# --------------------------------------------------------------------------------------------------
+
+CONTEXTS = [RNG.standard_normal((1, 7, 32)).astype(np.float32) for _ in range(2)]  # the later prompts
+
+
+@pytest.mark.parametrize("frames,window,switch_latents,family", [
+    (12, (6, 3), [2, 7], "longlive"),  # block 1: re-cache from frame 0 (sink rewritten); block 3: sink kept
+    (12, (6, 3), [6], "longlive"),  # a full window re-cached (frames 0-5, starting at frame 0)
+    (9, None, [4], "self-forcing"),  # no window: every earlier frame re-cached
+])
+def test_prompt_switch_recache_matches_reference(torch_model, mlx_model, frames, window, switch_latents, family):
+    section = causal.preset_section("self-forcing")
+    cfg = sampling.sampler_config(section)
+    win = dict(local_attn_frames=window[0], sink_frames=window[1], max_frames=None) if window else {}
+    ccfg = causal.CausalConfig(frames_per_block=3, family=family, **win)
+    noise, renoise = reference_noise(frames, 3, cfg.steps, seed=5)
+    contexts = CONTEXTS[:len(switch_latents)]
+    expected = ref.causal_loop(torch_model, noise, CONTEXT, section["denoising_step_list"], section["shift"],
+                               section["warp"], renoise, 3, window=window[0] if window else -1,
+                               sink=window[1] if window else 0, switch_frames=switch_latents, contexts=contexts,
+                               longlive=family == "longlive")
+    text = mlx_model.prepare_text(mx.array(CONTEXT))
+    blocks = [-(-s // 3) for s in switch_latents]  # the first block starting at or after each switch
+    switches = {blk: mlx_model.prepare_text(mx.array(c)) for blk, c in zip(blocks, contexts)}
+    injected = [[to_mlx(e) for e in blk] for blk in renoise]
+    out = causal.causal_sample(mlx_model, text, to_mlx(noise), cfg, ccfg, renoise=injected, switches=switches)
+    print(f"prompt switch {family} {frames} {window} {switch_latents}: rel error "
+          f"{rel_error(from_mlx(out), expected):.1e}")
+    assert rel_error(from_mlx(out), expected) <= 1e-4
+    # the switch changes the video from its first block on, and only from there
+    plain = ref.causal_loop(torch_model, noise, CONTEXT, section["denoising_step_list"], section["shift"],
+                            section["warp"], renoise, 3, window=window[0] if window else -1,
+                            sink=window[1] if window else 0, longlive=family == "longlive")
+    first = blocks[0] * 3
+    assert rel_error(expected[:, :, :first], plain[:, :, :first]) <= 1e-12
+    assert rel_error(expected[:, :, first:], plain[:, :, first:]) > 1e-3
+
+
+def test_recache_rewrites_the_window_and_keeps_the_sink(mlx_model):
+    """A switch before block 3 (window 6, sink 3): the re-cache recomputes frames 3-8 under the new prompt and
+    writes frames 6-8 (slots 3-5); LongLive's recompute rule leaves the sink's K/V exactly as they were."""
+    cfg = sampling.sampler_config(causal.preset_section("self-forcing"))
+    ccfg = causal.CausalConfig(frames_per_block=3, local_attn_frames=6, sink_frames=3, max_frames=None,
+                               family="longlive")
+    text, new = (mlx_model.prepare_text(mx.array(c)) for c in (CONTEXT, CONTEXTS[0]))
+    noise = to_mlx(RNG.standard_normal((1, 16, 9, H, W)))
+    cache = causal.KVCache(2, 6, 6, 3, True, protect_sink=True)
+    clean = causal.causal_sample(mlx_model, text, noise, cfg, ccfg, key=1, cache=cache)
+    cache.begin(6)  # block 2's clean pass (skipped after a video's last block): frames 0-2 (sink) and 6-8
+    mlx_model(clean[:, 6:], [[0.0] * 3], text=text, kv_cache=cache.layers, start_frame=6)
+    before = [(np.array(k), np.array(v)) for k, v in zip(cache.k, cache.v)]
+    causal.recache(mlx_model, cache, clean, 9, new, ccfg)
+    assert cache.global_end == [54, 54] and cache.local_end == [36, 36]  # indices unchanged
+    for layer, (k0, v0) in enumerate(before):
+        np.testing.assert_array_equal(np.array(cache.k[layer])[:, :, :18], k0[:, :, :18])
+        np.testing.assert_array_equal(np.array(cache.v[layer])[:, :, :18], v0[:, :, :18])
+    # layer 0's K/V come before any cross-attention (same clean input, same t): unchanged; layer 1's see the prompt
+    np.testing.assert_allclose(np.array(cache.k[0])[:, :, 18:36], before[0][0][:, :, 18:36], atol=1e-5)
+    assert not np.allclose(np.array(cache.k[1])[:, :, 18:36], before[1][0][:, :, 18:36], atol=1e-3)
+
+
+def test_prompt_schedule_errors():
+    c = causal.CausalConfig(frames_per_block=3, local_attn_frames=12, sink_frames=3, max_frames=None, family="longlive")
+    assert c.switch_blocks([40, 61], 97) == [4, 6]  # video 40 -> latent 10 -> block 4 (latent 12); 61 -> 16 -> 6
+    assert causal.block_first_video_frame(4, 3) == 45
+    for frames, match in (([0], "out of range"), ([97], "out of range"), ([41, 40], "does not come after"),
+                          ([90], "after the video's last block"), ([37, 41], "fall into the same block"),
+                          ([True], "out of range")):
+        with pytest.raises(ValueError, match=match):
+            c.switch_blocks(frames, 97)
+    rf = causal.causal_config(causal.preset_section("rolling-forcing"))
+    with pytest.raises(ValueError, match="Rolling Forcing denoises overlapping windows"):
+        rf.switch_blocks([40], 97)
+
+
+@pytest.mark.parametrize("frames,fpb,steps,cache_frames,attention_frames", [
+    (30, 3, None, 24, 21),  # the preset: 5 steps, 10 blocks: the cache evicts at blocks 8 and 9
+    (9, 1, [1000, 750, 500], 6, 5),  # frame-wise, 3 steps: refreshes that drop block 0, a 1-frame working cache
+])
+def test_rolling_forcing_matches_reference(torch_model, mlx_model, frames, fpb, steps, cache_frames, attention_frames):
+    section = causal.preset_section("rolling-forcing")
+    if steps:
+        section = dict(section, denoising_step_list=steps)
+    cfg = sampling.sampler_config(section)
+    ccfg = causal.CausalConfig(frames_per_block=fpb, max_frames=None, family="rolling-forcing",
+                               window_blocks=cfg.steps, rolling_cache_frames=cache_frames,
+                               rolling_attention_frames=attention_frames)
+    noise, renoise = reference_noise(frames, fpb, cfg.steps, seed=9)
+    expected = ref.rolling_loop(torch_model, noise, CONTEXT, section["denoising_step_list"], section["shift"],
+                                section["warp"], renoise, fpb, cache_frames=cache_frames,
+                                attention_frames=attention_frames)
+    text = mlx_model.prepare_text(mx.array(CONTEXT))
+    injected = [[to_mlx(e) for e in blk] for blk in renoise]
+    blocks = list(causal.causal_blocks(mlx_model, text, to_mlx(noise), cfg, ccfg, renoise=injected))
+    assert len(blocks) == frames // fpb
+    err = rel_error(from_mlx(mx.concatenate(blocks, axis=1)), expected)
+    print(f"rolling forcing {frames} frames, {fpb}/block, {cfg.steps} steps: rel error {err:.1e}")
+    assert err <= 1e-4
+
+
+def test_rolling_forcing_preset_and_bad_lengths(mlx_model):
+    section = causal.preset_section("rolling-forcing")
+    np.testing.assert_allclose(sampling.schedule(sampling.sampler_config(section)).timesteps,
+                               [1000, 952.381, 882.353, 769.231, 555.556], atol=1e-3)
+    ccfg = causal.causal_config(section)
+    assert ccfg.family == "rolling-forcing" and ccfg.window_blocks == 5 and ccfg.cache_frames(126) == 24
+    text = mlx_model.prepare_text(mx.array(CONTEXT))
+    cfg = sampling.sampler_config(section)
+    with pytest.raises(ValueError, match="fewer than Rolling Forcing's window of 5 blocks"):
+        next(causal.causal_blocks(mlx_model, text, mx.zeros((1, 12, H, W, 16)), cfg, ccfg, key=0))
+    with pytest.raises(ValueError, match="1024 absolute RoPE positions"):
+        ccfg.check_frames(1026)
+
+
+def test_bench_causal_stage_quick(tmp_path):
+    """`mlx-video bench --stages causal` (tiny): each preset timed beside the PyTorch causal loop on the same
+    weights and draws (same output to fp32 rounding), time to first block, fps, KV cache, and the plan table."""
+    from mlx_video.cli import main as cli
+
+    out = tmp_path / "bench"
+    assert cli(["bench", "--quick", "--stages", "causal", "--out", str(out), "--label", "ci"]) == 0
+    results = json.loads((out / "bench.json").read_text())
+    rows = [s for s in results["stages"] if s["stage"] == "causal"]
+    assert [s["preset"] for s in rows] == ["self-forcing", "longlive", "rolling-forcing"]
+    for s in rows:
+        assert s["parity_rel_error"] <= 1e-4
+        for side in ("mlx", "reference"):
+            assert 0 < s[side]["time_to_first_block_s"] <= s[side]["full_model_time_s"] * 1.5
+            assert s[side]["video_fps"] > 0
+        assert s["mlx"]["kv_cache_bytes"] > 0 and s["mlx"]["memory"]["mlx_peak_bytes"] > s["mlx"]["kv_cache_bytes"]
+    plan = {(p["preset"], p["latent_frames"]): p for p in results["causal_plan"]}
+    assert "refused" in plan[("self-forcing", 84)]
+    assert plan[("longlive", 21)]["kv_cache_bytes"] == plan[("longlive", 84)]["kv_cache_bytes"]
+    assert "## Causal (block-by-block) generation" in (out / "bench.md").read_text()

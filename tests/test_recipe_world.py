@@ -132,6 +132,43 @@ def test_taehv_training_forward_equals_runtime():
     assert float(mx.abs(d - d_ref).max()) < 1e-3  # fp32 summation order through 3x-amplified layers
 
 
+def test_taehv_training_decode_passes_gradients_through_the_clip():
+    """Out-of-range pixels still get a gradient (straight-through clip); the forward stays clipped."""
+    from mlx_video.models import taehv
+
+    model = taehv.TAEHV(taehv.TAEHVConfig(decoder_channels=[8, 8, 8, 8], encoder_channels=8, depth=1))
+    lat = mx.random.normal((1, 1, 2, 2, 16), key=mx.random.key(0))
+    bias = model.decoder[-1].bias
+
+    def loss(b):
+        model.decoder[-1].bias = b
+        return mx.sum(nets.taehv_decode(model, lat))
+
+    assert float(mx.max(nets.taehv_decode(model, lat))) <= 1.0
+    g = mx.grad(loss)(bias + 5.0)  # every pixel far above 1: a plain clip gives a zero gradient here
+    assert float(mx.min(g)) > 0
+
+
+def test_colour_identity_init_carries_the_colour_through_the_untrained_autoencoder():
+    from mlx_video.models import taehv
+    from mlx_video.recipe import stages
+
+    mx.random.seed(0)
+    model = taehv.TAEHV(stages.autoencoder_config(stages.SIZES["smoke"]))
+    stages.he_init(model)
+    stages.colour_identity_init(model)
+    scene = world.Scene("square", "red", "gray", "still", "large", (0.5, 0.5), (0.5, 0.5))
+    clip = world.render_clip(scene, 8)
+    z = np.array(taehv.encode(model, mx.array(clip[None])))[0]
+    # latent channels 0-2: each 4-frame group's colour at pixel (8i, 8j), exactly (independent numpy reference)
+    expected = clip.reshape(2, 4, 64, 64, 3).mean(axis=1)[:, ::8, ::8]
+    np.testing.assert_allclose(z[..., :3], expected, atol=1e-5)
+    frames = np.array(taehv.decode(model, mx.array(z[None])))[0]
+    centre = frames[:, 24:40, 24:40].reshape(-1, 3).mean(0)
+    assert score._nearest(centre, world.COLOURS) == "red"
+    assert stages.psnr(frames, clip[:frames.shape[0]]) > 18.0
+
+
 def test_runtime_never_imports_the_recipe():
     code = ("import sys, mlx_video, mlx_video.pipeline, mlx_video.generate, mlx_video.cli, mlx_video.info, "
             "mlx_video.prune, mlx_video.demo, mlx_video.sampling\n"

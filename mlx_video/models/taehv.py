@@ -46,6 +46,7 @@ import mlx.nn as nn
 
 from .. import native as native_kernels
 from ..ops import native_conv3x3, native_upconv3x3
+from .segmented import depth_first, stream_chunks
 
 WEIGHTS_NAME = "decoder.safetensors"
 
@@ -633,23 +634,13 @@ class DecoderStream:
             self.shape = (b, h, w)
         elif self.shape != (b, h, w):
             raise ValueError(f"latent batch/size changed mid-stream: {self.shape} then {(b, h, w)}; call reset()")
-        for raw in self._depth_first(0, latent.astype(_weights_dtype(self.model))):
+        for raw in depth_first(self._segment, len(self.segments), latent.astype(_weights_dtype(self.model))):
             self.raw_frames += raw.shape[1]
             keep = min(raw.shape[1], self.raw_frames - self.config.frames_to_trim)
             if keep > 0:
                 x = _finish(self.config, raw[:, raw.shape[1] - keep:])
                 mx.eval(x)
                 yield x
-
-    def _depth_first(self, k: int, x: mx.array) -> Iterator[mx.array]:
-        """Segment k on one frame, then each of its output frames through the rest, depth first: only one
-        frame group per segment is alive at a time."""
-        y = self._segment(k, x)
-        if k + 1 == len(self.segments):
-            yield y
-            return
-        for f in range(y.shape[1]):
-            yield from self._depth_first(k + 1, y[:, f:f + 1])
 
     def _segment(self, k: int, x: mx.array) -> mx.array:
         """Segment k on one frame ``x [B, 1, h, w, C]``, carrying its MemBlocks' memory; tile by tile."""
@@ -698,17 +689,7 @@ def decode_stream(model: TAEHV, latents: mx.array | Iterable[mx.array], tile: in
     or one such edge/None per segment (what :func:`choose_tile` returns for a memory budget). Tiling is
     exact. Peak memory is independent of T (:func:`decoder_peak_bytes`).
     """
-    stream = DecoderStream(model, tile)
-    chunks = [latents] if isinstance(latents, mx.array) else latents
-    for chunk in chunks:
-        _check_latents(model.config, chunk)
-        for t in range(chunk.shape[1]):
-            if per_latent:
-                yield stream.step(chunk[:, t:t + 1])
-                continue
-            for group in stream.frames(chunk[:, t:t + 1]):
-                for k in range(group.shape[1]):
-                    yield group[:, k]
+    yield from stream_chunks(DecoderStream(model, tile), latents, lambda c: _check_latents(model.config, c), per_latent)
 
 
 # --------------------------------------------------------------------------------------------------

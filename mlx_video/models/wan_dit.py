@@ -200,11 +200,13 @@ class Attention(nn.Module):
         if kv is None:  # self-attention
             k = self._split(self.norm_k(linear(self.k, x)))
             v = self._split(linear(self.v, x))
+            # Rolling Forcing caches block 0's keys before RoPE (re-roped where it is attended)
+            unroped = k.astype(dtype).transpose(0, 2, 1, 3) if getattr(cache, "wants_unroped", False) else None
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             k, v = k.astype(dtype).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            mx.eval(q, k, v)  # materialise here so the projections' temporaries are gone before the scores
+            mx.eval(q, k, v, *([unroped] if unroped is not None else []))  # the projections' temporaries go now
             if cache is not None:
-                k, v = cache(k, v)
+                k, v = cache(k, v) if unroped is None else cache(k, v, unroped)
         else:
             k, v = kv
         q = q.astype(dtype).transpose(0, 2, 1, 3)

@@ -17,16 +17,21 @@ parameters) + the feature cache (two frames of every causal conv's input: ~590 K
 3.5 GB at 480x832, most of it the 96-channel full-resolution stage) + one segment's working set; it does
 not grow with the number of frames (:func:`decoder_peak_bytes` predicts it).
 
-Spatial tiling (``tile=``): the only non-local op, the mid-block attention, sits in segment 0 at latent
-resolution (cheap: 60x104 tokens at 480x832), which always runs on the whole frame. The later segments are
-purely local (convs, RMS norms, upsamples), so each runs on overlapping tiles whose halo covers its
-receptive radius and the tile cores are stitched: tiling is *exact* (tiled = untiled to fp32 rounding:
-bitwise equal in the tests, far inside the 1/255 asked for). This replaces diffusers' blended tiles, which
-tile the attention too (inexact: the bound could not be promised) and give every tile its own feature cache
-(1.8x the cache memory at diffusers' 256/192 overlap). Here the cache stays full-frame and tiles bound only
-the working set; a tiled segment keeps its caches' previous frames until its last tile, so tiling saves
-less than it does for TAEHV (at 480x832 fp32: 5.4 GB whole frames, 5.0 GB with 64-pixel tiles, 3.9 GB
-floor of weights + caches).
+Spatial tiling (``tile=``) decodes tile by tile over the whole video, each tile with its own feature caches,
+so the caches and working set scale with the tile's area: it cuts the floor that whole frames have (a whole
+frame's caches: 3.5 GB at 480x832 in fp32). What it adds is the decoded video itself (fp32; every frame is
+final only after the last tile, so the frames come out at the end) and the work of the overlaps. Two kinds:
+
+- exact tiles (``tile=<core edge>``, what the memory plan picks first): the decoder up to the mid-block
+  attention (the only op that sees the whole frame, at latent resolution) runs on whole frames once and its
+  output is kept for every latent frame; the rest runs per tile on the core plus a halo of its receptive
+  radius (15 latent pixels) and keeps the core. The decoder is a causal 3-D CNN (its caches hold past
+  inputs, not state), so this equals whole frames up to fp32 rounding (0 to 4e-7 in the tests). The halos
+  cost work: the plan allows up to ``MAX_TILE_WORK`` x.
+- diffusers' blended tiles (``tile=(tile_h, tile_w, stride_h, stride_w)``): ``tiled_decode`` exactly (within
+  1.5e-6 of it), the attention per tile and the overlaps blended linearly. Inexact (tiles see zero padding
+  and only their own attention: 0.37 from untiled on random weights at 48-pixel tiles), but cheaper at tight
+  budgets; the plan falls back to it when no exact tiling fits.
 
 Kernels are TAEHV's exact rewrites (row-window 3x3 GEMMs, sub-pixel conv for upsample + conv, by-taps
 conv for the RGB head): a 3x3x3 causal conv is the sum of three 2-D 3x3 convs over the shifted frames,
@@ -44,7 +49,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import native_conv3x3
-from .taehv import _conv_by_taps, conv3x3, tile_grid, upconv_forward
+from .segmented import depth_first, stream_chunks
+from .taehv import _conv_by_taps, conv3x3, upconv_forward
 
 WEIGHTS_NAME = "vae.safetensors"
 CACHE_T = 2  # frames of each causal conv's input kept for the next call
@@ -451,8 +457,6 @@ class Segment:
     ops: list
     scale: int  # spatial upsampling at the segment's end
     frames: int  # output frames per input frame (2 after a temporal upsample, once started)
-    halo: int  # input pixels of context a tile needs for an exact core
-    tileable: bool  # False for segment 0 (it holds the attention, which sees the whole frame)
 
 
 def decoder_segments(model: WanVAE) -> list[Segment]:
@@ -460,7 +464,6 @@ def decoder_segments(model: WanVAE) -> list[Segment]:
     segs: list[Segment] = []
     ops: list = [("conv", dec.conv_in, "conv_in"), ("res", dec.mid_block.resnets[0], "mid.0"),
                  ("attn", dec.mid_block.attentions[0], "mid.a"), ("res", dec.mid_block.resnets[1], "mid.1")]
-    tileable = False  # segment 0 holds the attention: always whole frames (it is at latent resolution)
     for i, block in enumerate(dec.up_blocks):
         ops += [("res", r, f"up{i}.{j}") for j, r in enumerate(block.resnets)]
         last = i == len(dec.up_blocks) - 1
@@ -470,11 +473,9 @@ def decoder_segments(model: WanVAE) -> list[Segment]:
             up = block.upsamplers[0] if "upsamplers" in block else None
             if up is not None:
                 ops.append(("up", up, f"up{i}.u"))
-            radius = sum(2 for kind, *_ in ops if kind == "res") + (1 if up is not None else 0) + \
-                (1 if last else 0) + sum(1 for kind, *_ in ops if kind == "conv")
             segs.append(Segment(ops, 2 if up is not None else 1,
-                                2 if up is not None and up.mode == "upsample3d" else 1, radius, tileable))
-            ops, tileable = [], True
+                                2 if up is not None and up.mode == "upsample3d" else 1))
+            ops = []
     return segs
 
 
@@ -528,45 +529,18 @@ def _to_unit(x: mx.array) -> mx.array:
     return mx.clip(x.astype(mx.float32), -1.0, 1.0) * 0.5 + 0.5
 
 
-def _tile_steps(tile, segments: list[Segment]) -> list[int | None]:
-    """``tile``: None, an int (tile edge in pixels at each tileable segment's output resolution) or one
-    int/None per segment (what :func:`choose_tile` returns) -> per-segment steps in input pixels."""
-    def bad():
-        return ValueError(f"tile must be None, a positive int (tile edge in output pixels of each segment) or a "
-                          f"sequence of {len(segments)} ints/None (one per decoder segment; the first is always "
-                          f"None: it holds the attention), got {tile!r}")
-
-    if tile is None:
-        return [None] * len(segments)
-    if isinstance(tile, int) and not isinstance(tile, bool):
-        tiles = [None] + [int(tile)] * (len(segments) - 1)
-    elif isinstance(tile, (list, tuple)) and len(tile) == len(segments):
-        tiles = list(tile)
-    else:
-        raise bad()
-    steps = []
-    for t, seg in zip(tiles, segments):
-        if t is None:
-            steps.append(None)
-        elif isinstance(t, bool) or not isinstance(t, int) or t < 1 or not seg.tileable:
-            raise bad()
-        else:
-            steps.append(max(1, t // seg.scale))
-    return steps
-
-
 class DecoderStream:
-    """Streaming decoder: feed latent frames in order, get the frames they complete.
+    """Streaming decoder (whole frames): feed latent frames in order, get the frames they complete.
 
     ``step(latent [B, 1, H, W, C])`` returns that latent's frames ``[B, n, 8H, 8W, 3]`` in [0, 1] (n = 1 for
     the first latent, 4 after); ``frames(latent)`` yields them one ``[B, 1, 8H, 8W, 3]`` at a time as they
     finish; ``push(latents)`` takes any number of latent frames. Memory is independent of the length.
+    (Spatial tiles decode tile by tile over the whole video: :func:`decode_tiled`, not a stream.)
     """
 
-    def __init__(self, model: WanVAE, tile=None, attention_budget: int | None = None):
+    def __init__(self, model: WanVAE, attention_budget: int | None = None):
         self.model, self.config = model, model.config
         self.segments = decoder_segments(model)
-        self.steps = _tile_steps(tile, self.segments)
         self.attention_budget = attention_budget
         self.state: dict = {}
         self.shape: tuple | None = None
@@ -586,6 +560,13 @@ class DecoderStream:
         return out
 
     def frames(self, latent: mx.array) -> Iterator[mx.array]:
+        for raw in self.raw_frames(latent):
+            y = _to_unit(raw)
+            mx.eval(y)
+            yield y
+
+    def raw_frames(self, latent: mx.array) -> Iterator[mx.array]:
+        """The decoder's own output frames ``[B, 1, 8H, 8W, 3]`` (compute dtype, [-1, 1] before clamping)."""
         _check_latents(self.config, latent)
         b, t, h, w, _ = latent.shape
         if t != 1:
@@ -595,97 +576,273 @@ class DecoderStream:
             self.shape = (b, h, w)
         elif self.shape != (b, h, w):
             raise ValueError(f"latent batch/size changed mid-stream: {self.shape} then {(b, h, w)}; call reset()")
-        x = _denormalize(self.model, latent)
-        for raw in self._depth_first(0, x):
-            y = _to_unit(raw)
-            mx.eval(y)
-            yield y
-
-    def _depth_first(self, k: int, x: mx.array) -> Iterator[mx.array]:
-        y = self._segment(k, x)
-        if k + 1 == len(self.segments):
-            yield y
-            return
-        for f in range(y.shape[1]):
-            yield from self._depth_first(k + 1, y[:, f:f + 1])
+        yield from depth_first(self._segment, len(self.segments), _denormalize(self.model, latent))
 
     def _segment(self, k: int, x: mx.array) -> mx.array:
-        seg = self.segments[k]
-        b, _, h, w, _ = x.shape
-        tiles = tile_grid(h, w, self.steps[k])
-        if len(tiles) == 1:
-            return run_ops(seg.ops, x, self.state, self.attention_budget)
-        # Exact tiling: each tile runs on its core plus a halo of the segment's receptive radius, with the
-        # same crop of every feature cache; only the core of the output and of the new caches is kept.
-        keys = [key for key in self.state if _segment_owns(seg, key)]
-        old = {key: self.state.pop(key) for key in keys}
-        s, halo = seg.scale, seg.halo
-        y_full, new_full = None, {}
-        for y0, y1, x0, x1 in tiles:
-            cy0, cy1, cx0, cx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-            crop = {key: v if isinstance(v, bool) else tuple(f[:, :, cy0:cy1, cx0:cx1] for f in v)
-                    for key, v in old.items()}
-            y = run_ops(seg.ops, x[:, :, cy0:cy1, cx0:cx1], crop, self.attention_budget)
-            if y_full is None:
-                y_full = mx.zeros((b, y.shape[1], h * s, w * s, y.shape[-1]), dtype=y.dtype)
-                # a cache's new tuple is (its older frames..., this frame's input): the older frames are the
-                # old full frames themselves (shared, not copied); only the newest is stitched from tiles
-                new_full = {key: v if isinstance(v, bool) else
-                            old[key][len(old[key]) - len(v) + 1:] if key in old and len(v) > 1 else None
-                            for key, v in crop.items()}
-                new_full = {key: v if isinstance(v, bool) else
-                            tuple(v or ()) + (mx.zeros((b, 1, h, w, crop[key][-1].shape[-1]), crop[key][-1].dtype),)
-                            for key, v in new_full.items()}
-            y_full[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = y[:, :, (y0 - cy0) * s:(y1 - cy0) * s,
-                                                           (x0 - cx0) * s:(x1 - cx0) * s]
-            for key, v in crop.items():
-                if not isinstance(v, bool):
-                    new_full[key][-1][:, :, y0:y1, x0:x1] = v[-1][:, :, y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
-            del y, crop
-            mx.eval(y_full, *[v[-1] for v in new_full.values() if not isinstance(v, bool)])
-        del old
-        self.state.update(new_full)
-        return y_full
-
-
-def _segment_owns(seg: Segment, key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") for _, _, p in seg.ops)
+        return run_ops(self.segments[k].ops, x, self.state, self.attention_budget)
 
 
 def decode_stream(model: WanVAE, latents: mx.array | Iterable[mx.array], tile=None, per_latent: bool = False,
                   attention_budget: int | None = None) -> Iterator[mx.array]:
     """Yield decoded frames ``[B, 8H, 8W, 3]`` in order as soon as each is ready (``per_latent=True``: one
     ``[B, n, 8H, 8W, 3]`` group per latent frame). ``latents``: ``[B, T, H, W, C]`` or an iterable of such
-    chunks (e.g. DiT blocks as they are generated). ``tile``: see :func:`choose_tile`; tiling is exact."""
-    stream = DecoderStream(model, tile, attention_budget)
-    chunks = [latents] if isinstance(latents, mx.array) else latents
-    for chunk in chunks:
+    chunks (e.g. DiT blocks as they are generated). ``tile`` (see :func:`tiling`): diffusers' tiled decode, which
+    finishes every frame only after the last tile, so the frames then all come at the end."""
+    def check(chunk):
         _check_latents(model.config, chunk)
-        for t in range(chunk.shape[1]):
-            if per_latent:
-                yield stream.step(chunk[:, t:t + 1])
-                continue
-            for group in stream.frames(chunk[:, t:t + 1]):
-                for k in range(group.shape[1]):
-                    yield group[:, k]
+
+    spec = tiling(tile, model.config)
+    if spec is None:
+        yield from stream_chunks(DecoderStream(model, attention_budget), latents, check, per_latent)
+        return
+    chunks = [latents] if isinstance(latents, mx.array) else list(latents)
+    for chunk in chunks:
+        check(chunk)
+    whole = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=1)
+    video = decode_tiled(model, whole, spec, attention_budget)
+    if per_latent:
+        bounds = [0] + [model.config.num_frames(t + 1) for t in range(whole.shape[1])]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            yield video[:, a:b]
+    else:
+        for k in range(video.shape[1]):
+            yield video[:, k]
 
 
 def decode(model: WanVAE, latents: mx.array, tile=None, parallel: bool = False) -> mx.array:
     """Latents ``[B, T, H, W, 16]`` (DiT space) -> frames ``[B, 4T-3, 8H, 8W, 3]`` in [0, 1].
 
-    Default: the streaming path (bounded memory), concatenated. ``parallel=True``: every layer runs on all
-    frames at once (one pass, memory grows with T; the same function: the causal cache is exact).
+    Default: the streaming path (bounded memory), concatenated. ``tile``: :func:`decode_tiled`.
+    ``parallel=True``: every layer runs on all frames at once (one pass, memory grows with T; the same
+    function: the causal cache is exact).
     """
     _check_latents(model.config, latents)
-    if not parallel:
-        return mx.concatenate(list(decode_stream(model, latents, tile=tile, per_latent=True)), axis=1)
     if tile is not None:
-        raise ValueError("tile= applies to the streaming path (parallel=False)")
+        if parallel:
+            raise ValueError("tile= and parallel=True do not combine (tiles decode one latent frame at a time)")
+        return decode_tiled(model, latents, tile)
+    if not parallel:
+        return mx.concatenate(list(decode_stream(model, latents, per_latent=True)), axis=1)
     state: dict = {}
     x = _denormalize(model, latents)
     for seg in decoder_segments(model):
         x = run_ops(seg.ops, x, state)
     return _to_unit(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spatial tiling: diffusers' AutoencoderKLWan.tiled_decode
+# --------------------------------------------------------------------------------------------------
+
+MIN_TILE_LATENTS = 4  # the smallest blended tile the plan tries (32 pixels): smaller tiles blend more seams
+MAX_TILE_WORK = 4.0  # exact tiles decode their halos too: the plan allows up to 4x the whole-frame work
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Spatial tiles in latent pixels. ``blend=False`` (exact): cores of at most ``height x width``, each decoded
+    with a halo of the decoder's receptive radius and cropped back to its core. ``blend=True`` (diffusers'):
+    tiles of ``height x width`` every ``stride_h`` / ``stride_w``, the overlaps blended linearly."""
+
+    height: int
+    width: int
+    stride_h: int = 0
+    stride_w: int = 0
+    blend: bool = False
+
+
+def tiling(tile, config: WanVAEConfig) -> Tiling | None:
+    """``tile``: None (whole frames); an int, the exact tiles' core edge in output pixels; or diffusers' four
+    ``enable_tiling`` settings ``(tile_h, tile_w, stride_h, stride_w)`` in output pixels (blended tiles; its
+    default is ``(256, 256, 192, 192)``). Every figure a positive multiple of the spatial scale (8)."""
+    if tile is None or isinstance(tile, Tiling):
+        return tile
+    s = config.space_scale
+    if isinstance(tile, int) and not isinstance(tile, bool):
+        values = (tile,)
+    elif isinstance(tile, (list, tuple)) and len(tile) == 4:
+        values = tuple(tile)
+    else:
+        values = None
+    if values is None or any(isinstance(v, bool) or not isinstance(v, int) or v < s or v % s for v in values):
+        raise ValueError(f"tile must be None, an exact tile's core edge in output pixels, or diffusers' (tile_h, "
+                         f"tile_w, stride_h, stride_w) in output pixels, each a positive multiple of {s}; got {tile!r}")
+    if len(values) == 1:
+        return Tiling(values[0] // s, values[0] // s)
+    th, tw, sh, sw = (v // s for v in values)
+    if sh > th or sw > tw:
+        raise ValueError(f"tile strides must not exceed the tile size (tiles must overlap or touch); got {tile!r}")
+    return Tiling(th, tw, sh, sw, blend=True)
+
+
+def _tile_grid(h: int, w: int, spec: Tiling) -> list[tuple[int, int, int, int]]:
+    """Exact tiles' cores ``(y0, y1, x0, x1)`` covering ``h x w``, split evenly, edges at most the tile's."""
+    ny, nx = -(-h // min(h, spec.height)), -(-w // min(w, spec.width))
+    ys = [round(k * h / ny) for k in range(ny + 1)]
+    xs = [round(k * w / nx) for k in range(nx + 1)]
+    return [(ys[i], ys[i + 1], xs[j], xs[j + 1]) for i in range(ny) for j in range(nx)]
+
+
+def _split_at_attention(model: WanVAE) -> tuple[list, list[Segment]]:
+    """The decoder's ops up to the mid-block attention (the only op that sees the whole frame), and the
+    segments after it (purely local: convs, RMS norms, upsamples)."""
+    segs = decoder_segments(model)
+    ops = segs[0].ops
+    k = next(i for i, (kind, _, _) in enumerate(ops) if kind == "attn") + 1
+    return ops[:k], [Segment(ops[k:], segs[0].scale, segs[0].frames)] + segs[1:]
+
+
+def receptive_radius(segments: list[Segment]) -> int:
+    """Latent pixels of context an output pixel of ``segments`` needs on each side: every 3x3 conv adds one
+    pixel at its own resolution (the real decoder after the attention: 14.25, so 15)."""
+    r, res = 0.0, 1
+    for seg in segments:
+        for kind, _, _ in seg.ops:
+            if kind == "res":
+                r += 2 / res  # conv1, conv2 (the shortcut is 1x1)
+            elif kind in ("conv", "head"):
+                r += 1 / res
+            elif kind == "up":
+                res *= 2
+                r += 1 / res  # the 3x3 conv after the nearest x2
+            else:
+                raise AssertionError(kind)
+    return math.ceil(r - 1e-9)
+
+
+def _exact_crops(h: int, w: int, spec: Tiling, halo: int) -> list[tuple[tuple, tuple]]:
+    """``(core, crop)`` boxes ``(y0, y1, x0, x1)`` of the exact tiles: the crop is the core plus ``halo``."""
+    return [((y0, y1, x0, x1), (max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)))
+            for y0, y1, x0, x1 in _tile_grid(h, w, spec)]
+
+
+def _decode_exact(model: WanVAE, latents: mx.array, spec: Tiling, attention_budget: int | None,
+                  halo: int | None = None) -> mx.array:
+    """Exact tiles. Pass 1 runs the decoder up to the mid-block attention on whole frames (latent resolution,
+    small caches) and keeps its output for every latent frame; pass 2 runs the rest tile by tile over the
+    whole video, each tile on its core plus a halo of the rest's receptive radius with its own feature caches
+    (the decoder is a causal 3-D CNN: the caches hold past inputs, not state, so a tile's core sees exactly
+    what it would in the whole frame), and keeps the core. Equal to whole frames up to fp32 rounding."""
+    c = model.config
+    b, t, h, w, _ = latents.shape
+    s = c.space_scale
+    prefix, rest = _split_at_attention(model)
+    halo = receptive_radius(rest) if halo is None else halo
+    state: dict = {}
+    context = None
+    for i in range(t):
+        y = run_ops(prefix, _denormalize(model, latents[:, i:i + 1]), state, attention_budget)
+        if context is None:
+            context = mx.zeros((b, t, *y.shape[2:]), y.dtype)
+        context[:, i:i + 1] = y
+        del y
+        mx.eval(context)
+    del state
+    out = mx.zeros((b, c.num_frames(t), h * s, w * s, c.out_channels), mx.float32)
+    for (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) in _exact_crops(h, w, spec, halo):
+        state, k = {}, 0
+        core = (slice(None), slice(None), slice((y0 - cy0) * s, (y1 - cy0) * s), slice((x0 - cx0) * s, (x1 - cx0) * s))
+
+        def segment(j, x, state=state):
+            return run_ops(rest[j].ops, x, state, attention_budget)
+
+        for i in range(t):
+            for raw in depth_first(segment, len(rest), context[:, i:i + 1, cy0:cy1, cx0:cx1]):
+                n = raw.shape[1]
+                out[:, k:k + n, y0 * s:y1 * s, x0 * s:x1 * s] = _to_unit(raw[core])
+                k += n
+                del raw
+                mx.eval(out)
+        del state
+    return out
+
+
+def _blend(prev: mx.array, cur: mx.array, extent: int, axis: int) -> mx.array:
+    """diffusers' ``blend_v`` (axis 2) / ``blend_h`` (axis 3) on ``[B, F, H, W, C]``: the first ``e`` rows of
+    ``cur`` become ``prev[-e + y] * (1 - y/e) + cur[y] * (y/e)``; ``prev`` holds at least the last ``e`` rows
+    of the neighbouring tile (``e = min(extent, both lengths)``)."""
+    import numpy as np
+
+    e = min(extent, prev.shape[axis], cur.shape[axis])
+    if e <= 0:
+        return cur
+    ramp = np.arange(e, dtype=np.float64) / e
+    shape = [1] * cur.ndim
+    shape[axis] = e
+    keep = mx.array((1 - ramp).astype(np.float32)).reshape(shape)
+    take = mx.array(ramp.astype(np.float32)).reshape(shape)
+    n = prev.shape[axis]
+    head = mx.take(prev, mx.arange(n - e, n), axis=axis) * keep + mx.take(cur, mx.arange(e), axis=axis) * take
+    return mx.concatenate([head, mx.take(cur, mx.arange(e, cur.shape[axis]), axis=axis)], axis=axis)
+
+
+def _tail(x: mx.array, n: int, axis: int) -> mx.array:
+    """The last ``n`` entries along ``axis``, copied (a view would keep the whole tile alive)."""
+    n = min(n, x.shape[axis])
+    y = mx.take(x, mx.arange(x.shape[axis] - n, x.shape[axis]), axis=axis)
+    mx.eval(y)
+    return y
+
+
+def _decode_raw(model: WanVAE, latents: mx.array, attention_budget: int | None) -> mx.array:
+    """Whole-frame streaming decode of ``latents``, unclamped, into one fp32 ``[B, F, 8H, 8W, 3]`` buffer."""
+    c = model.config
+    b, t, h, w, _ = latents.shape
+    s = c.space_scale
+    out = mx.zeros((b, c.num_frames(t), h * s, w * s, c.out_channels), mx.float32)
+    stream, k = DecoderStream(model, attention_budget), 0
+    for i in range(t):
+        for raw in stream.raw_frames(latents[:, i:i + 1]):
+            out[:, k:k + raw.shape[1]] = raw.astype(mx.float32)
+            k += raw.shape[1]
+            del raw
+            mx.eval(out)
+    return out
+
+
+def _decode_blended(model: WanVAE, latents: mx.array, spec: Tiling, attention_budget: int | None) -> mx.array:
+    """diffusers' ``AutoencoderKLWan.tiled_decode``: tiles start every stride (the last ones may be smaller),
+    each decoded over all frames (the attention too sees only its tile), then blended with the tile above and
+    the tile to the left (as diffusers has already blended them) and cropped to the stride. Only the strips a
+    later tile blends with are kept beside the output video."""
+    c = model.config
+    b, t, h, w, _ = latents.shape
+    s = c.space_scale
+    blend_h, blend_w = (spec.height - spec.stride_h) * s, (spec.width - spec.stride_w) * s
+    out = mx.zeros((b, c.num_frames(t), h * s, w * s, c.out_channels), mx.float32)
+    above: dict[int, mx.array] = {}  # column start -> the bottom strip of the blended tile above
+    for i in range(0, h, spec.stride_h):
+        row: dict[int, mx.array] = {}
+        left = None  # the right strip of the blended tile to the left
+        for j in range(0, w, spec.stride_w):
+            cur = _decode_raw(model, latents[:, :, i:i + spec.height, j:j + spec.width], attention_budget)
+            if i > 0:
+                cur = _blend(above[j], cur, blend_h, axis=2)
+            if j > 0:
+                cur = _blend(left, cur, blend_w, axis=3)
+            ph, pw = min(spec.stride_h * s, cur.shape[2]), min(spec.stride_w * s, cur.shape[3])
+            out[:, :, i * s:i * s + ph, j * s:j * s + pw] = _to_unit(cur[:, :, :ph, :pw])
+            mx.eval(out)
+            row[j] = _tail(cur, blend_h, 2) if blend_h else cur[:, :, :0]
+            left = _tail(cur, blend_w, 3) if blend_w else cur[:, :, :, :0]
+            del cur
+        above = row
+    return out
+
+
+def decode_tiled(model: WanVAE, latents: mx.array, tile, attention_budget: int | None = None) -> mx.array:
+    """Latents ``[B, T, H, W, 16]`` -> frames ``[B, 4T-3, 8H, 8W, 3]`` in [0, 1], tile by tile over the whole
+    video (:func:`tiling`): exact tiles (an int) or diffusers' blended tiles (a 4-tuple). Frames that fit one
+    tile decode whole (as diffusers does)."""
+    c = model.config
+    _check_latents(c, latents)
+    spec = tiling(tile, c)
+    h, w = latents.shape[2:4]
+    if spec is None or (h <= spec.height and w <= spec.width):
+        return decode(model, latents)
+    if spec.blend:
+        return _decode_blended(model, latents, spec, attention_budget)
+    return _decode_exact(model, latents, spec, attention_budget)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -736,11 +893,11 @@ def encode(model: WanVAE, frames: mx.array) -> mx.array:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cache_elements(model: WanVAE, b: int, h: int, w: int) -> list[int]:
-    """Per decoder segment: elements of its feature caches (CACHE_T frames of each 3-tap causal conv's
-    input at the segment's input resolution ``h x w``, which grows by each segment's scale)."""
+def _cache_elements(segments: list[Segment], b: int, h: int, w: int) -> list[int]:
+    """Per segment: elements of its feature caches (CACHE_T frames of each 3-tap causal conv's input at the
+    segment's input resolution ``h x w``, which grows by each segment's scale)."""
     out = []
-    for seg in decoder_segments(model):
+    for seg in segments:
         n = 0
         for kind, m, _ in seg.ops:
             convs = {"res": lambda m: [m.conv1, m.conv2], "conv": lambda m: [m], "head": lambda m: [m.conv_out],
@@ -779,41 +936,25 @@ def _segment_work(model: WanVAE, seg: Segment, n: int, h: int, w: int) -> int:
     return peak
 
 
-def _parts(model: WanVAE, latent_shape: tuple, steps: list) -> tuple[int, list[int]]:
-    b, h, w = int(latent_shape[0]), int(latent_shape[2]), int(latent_shape[3])
+def _weights(model: WanVAE) -> int:
     from mlx.utils import tree_flatten
 
-    weights = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith(("encoder.", "quant_conv")))
-    caches = _cache_elements(model, b, h, w)
+    return sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith(("encoder.", "quant_conv")))
+
+
+def _stream_elements(model: WanVAE, segments: list[Segment], b: int, h: int, w: int) -> int:
+    """Peak elements, weights excluded, of streaming ``segments`` over ``b x h x w`` inputs one frame at a time:
+    every feature cache, one latent's output frames and the largest segment's working set."""
     c = model.config
     frames = b * c.t_scale * (h * c.space_scale) * (w * c.space_scale) * (c.out_channels + 3)  # one latent's output
-    peaks = []
-    hh, ww = h, w
-    for k, (seg, step) in enumerate(zip(decoder_segments(model), steps)):
-        grid = tile_grid(hh, ww, step)
-        th, tw = max(y1 - y0 for y0, y1, _, _ in grid), max(x1 - x0 for _, _, x0, x1 in grid)
-        ch, cw = min(hh, th + 2 * seg.halo), min(ww, tw + 2 * seg.halo)
-        work = _segment_work(model, seg, b, ch, cw)  # one frame at a time (depth first)
-        if len(grid) > 1:  # the stitched output, and each cache's newest frame beside the old two (half a cache;
-            # 3/4 fitted to the measured peak at 240x416, which the tile crops' copies push up)
-            out_c = _segment_out_channels(seg)
-            work += b * seg.frames * hh * ww * seg.scale**2 * out_c + caches[k] * 3 // 4
-            work += caches[k] * ch * cw // (hh * ww)  # the tile's copies of its cache crops
-        peaks.append(work)
+    work, hh, ww = 0, h, w
+    for seg in segments:
+        work = max(work, _segment_work(model, seg, b, hh, ww))
         hh, ww = hh * seg.scale, ww * seg.scale
-    return weights + sum(caches) + frames, peaks
+    return sum(_cache_elements(segments, b, h, w)) + frames + work
 
 
-def _segment_out_channels(seg: Segment) -> int:
-    kind, m, _ = seg.ops[-1]
-    if kind == "up":
-        return m.resample[1].weight.shape[0]
-    if kind == "head":
-        return m.conv_out.weight.shape[0]
-    return m.conv2.weight.shape[0]
-
-
-_SLACK = 2**20
+_SLACK = 6 * 2**20  # fixed costs the per-op model leaves out (measured up to 3.5 MB beyond it on an 8 x 8-latent tile)
 _SHAPE_MODELS: dict = {}
 
 
@@ -829,57 +970,80 @@ def _shape_model(config: WanVAEConfig) -> WanVAE:
 
 def decoder_peak_bytes(config: WanVAEConfig, latent_shape: tuple, tile=None, itemsize: int = 4) -> int:
     """Predicted peak bytes (``mx.get_peak_memory``, weights included) of :func:`decode_stream` on latents
-    ``(B, T, H, W, ...)``: weights + all feature caches + the largest segment's working set (one tile's with
-    ``tile``). T does not enter. ``itemsize``: 4 for fp32 (the CPU default), 2 for fp16/bf16."""
+    ``(B, T, H, W, ...)``. Whole frames: weights + all feature caches + the largest segment's working set; T
+    does not enter. With ``tile`` (:func:`tiling`) the caches and working set are one tile's (they scale with
+    its area), plus the fp32 output video (tiles finish the frames together; it grows with T) and, exact
+    tiles: the attention's output for every latent frame; blended tiles: the tile's own decoded video, its
+    blended copies and the strips kept for blending. ``itemsize``: 4 for fp32 (the CPU), 2 for fp16/bf16."""
     model = _shape_model(config)
-    steps = _tile_steps(tile, decoder_segments(model))
-    base, peaks = _parts(model, latent_shape, steps)
-    return int((base + max(peaks)) * itemsize) + _SLACK
+    b, t, h, w = (int(v) for v in latent_shape[:4])
+    spec = tiling(tile, config)
+    weights = _weights(model) * itemsize
+    if spec is None or (h <= spec.height and w <= spec.width):
+        return weights + _stream_elements(model, decoder_segments(model), b, h, w) * itemsize + _SLACK
+    s, out_c = config.space_scale, config.out_channels
+    per_pixel = b * config.num_frames(max(t, 1)) * out_c * 4  # fp32 bytes per output pixel of the video
+    video = h * w * s * s * per_pixel
+    if not spec.blend:
+        prefix, rest = _split_at_attention(model)
+        halo = receptive_radius(rest)
+        context = b * max(t, 1) * h * w * prefix[-1][1].norm.gamma.shape[0] * itemsize
+        first = _stream_elements(model, [Segment(prefix, 1, 1)], b, h, w) * itemsize  # pass 1, whole frames
+        crops = [(y1 - y0, x1 - x0) for _, (y0, y1, x0, x1) in _exact_crops(h, w, spec, halo)]
+        ch, cw = max(crops, key=lambda hw: hw[0] * hw[1])
+        second = _stream_elements(model, rest, b, ch, cw) * itemsize + video  # pass 2, the largest crop
+        return weights + context + max(first, second) + _SLACK
+    th, tw = min(h, spec.height), min(w, spec.width)
+    one_tile = th * tw * s * s * per_pixel
+    strips = ((spec.height - spec.stride_h) * w + th * (spec.width - spec.stride_w)) * s * s * per_pixel
+    # decoding a tile: its decoder state + its video buffer; blending: the tile, its two blended versions
+    # (each blend is a new array) and the clamped crop written into the output
+    decoding = _stream_elements(model, decoder_segments(model), b, th, tw) * itemsize + one_tile
+    return int(weights + video + strips + max(decoding, 4 * one_tile)) + _SLACK
+
+
+def tile_work(config: WanVAEConfig, latent_shape: tuple, tile) -> float:
+    """Decoder work of a tiling relative to whole frames (pixels decoded / frame pixels): exact tiles decode
+    their halos again, blended tiles their overlaps."""
+    h, w = int(latent_shape[2]), int(latent_shape[3])
+    spec = tiling(tile, config)
+    if spec is None or (h <= spec.height and w <= spec.width):
+        return 1.0
+    if spec.blend:
+        area = sum((min(h, i + spec.height) - i) * (min(w, j + spec.width) - j)
+                   for i in range(0, h, spec.stride_h) for j in range(0, w, spec.stride_w))
+    else:
+        halo = receptive_radius(_split_at_attention(_shape_model(config))[1])
+        area = sum((y1 - y0) * (x1 - x0) for _, (y0, y1, x0, x1) in _exact_crops(h, w, spec, halo))
+    return area / (h * w)
 
 
 def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, itemsize: int = 4):
-    """Tiles for :func:`decode_stream` within ``budget_bytes`` (as :func:`decoder_peak_bytes` predicts):
-    None when whole frames fit, else one tile edge (output pixels of the segment) or None per segment, the
-    largest that fits. ``MemoryError`` when no tiling does (the feature caches are not tiled away: 2 frames
-    of every causal conv's input, 3.5 GB in fp32 at 480x832; with the weights a 3.9 GB floor)."""
-    model = _shape_model(config)
-    segs = decoder_segments(model)
-    budget = (budget_bytes - _SLACK) / itemsize
-    base, whole = _parts(model, latent_shape, [None] * len(segs))
-    if base + max(whole) <= budget:
+    """The tiling for :func:`decode_stream` within ``budget_bytes`` (as :func:`decoder_peak_bytes` predicts):
+    None when whole frames fit; else exact tiles (an int core edge, output pixels), the largest that fits
+    with at most ``MAX_TILE_WORK`` x the whole-frame work; else diffusers' blended tiles (a 4-tuple; overlap a
+    quarter of the tile; inexact), the largest that fits, down to ``MIN_TILE_LATENTS``; ``MemoryError`` when
+    none does."""
+    if decoder_peak_bytes(config, latent_shape, None, itemsize) <= budget_bytes:
         return None
-    if base + whole[0] > budget:
-        raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit "
-                          f"{budget_bytes / 2**20:.0f} MiB: the weights and feature caches alone take "
-                          f"{base * itemsize / 2**20:.0f} MiB (and its first segment, with the attention, is never "
-                          f"tiled)")
     h, w = int(latent_shape[2]), int(latent_shape[3])
-    tiles, res = [], 1
-    for k, seg in enumerate(segs):
-        hh, ww = h * res, w * res
-        res *= seg.scale
-        if base + whole[k] <= budget:
-            tiles.append(None)
-            continue
-        if not seg.tileable:  # (segment 0 fitting was checked above; the others are tileable)
-            raise AssertionError(k)
-        chosen = None
-        for n in range(2, max(hh, ww) + 1):
-            step = -(-max(hh, ww) // n)
-            steps = [None] * len(segs)
-            steps[k] = step
-            if base + _parts(model, latent_shape, steps)[1][k] <= budget:
-                chosen = step * seg.scale
-                break
-            if step <= 4:
-                break
-        if chosen is None:
-            raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit "
-                              f"{budget_bytes / 2**20:.0f} MiB: the weights and feature caches take "
-                              f"{base * itemsize / 2**20:.0f} MiB, and no tiling of decoder segment {k} brings its "
-                              f"working set under the rest (a tiled segment keeps its caches' previous frames)")
-        tiles.append(chosen)
-    return tuple(tiles)
+    s = config.space_scale
+    for edge in range(max(h, w) - 1, 0, -1):
+        if tile_work(config, latent_shape, edge * s) > MAX_TILE_WORK:
+            break
+        if decoder_peak_bytes(config, latent_shape, edge * s, itemsize) <= budget_bytes:
+            return edge * s
+    for edge in range(max(h, w) - 1, MIN_TILE_LATENTS - 1, -1):
+        blended = (edge * s, edge * s, (edge - edge // 4) * s, (edge - edge // 4) * s)
+        if decoder_peak_bytes(config, latent_shape, blended, itemsize) <= budget_bytes:
+            return blended
+    smallest = (MIN_TILE_LATENTS * s,) * 2 + ((MIN_TILE_LATENTS - MIN_TILE_LATENTS // 4) * s,) * 2
+    video = int(latent_shape[0]) * config.num_frames(int(latent_shape[1])) * h * w * s * s * config.out_channels * 4
+    raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit {budget_bytes / 2**20:.0f} MiB: "
+                      f"whole frames need {decoder_peak_bytes(config, latent_shape, None, itemsize) / 2**20:.0f} MiB "
+                      f"and even {MIN_TILE_LATENTS * s}-pixel blended tiles "
+                      f"{decoder_peak_bytes(config, latent_shape, smallest, itemsize) / 2**20:.0f} MiB (the decoded "
+                      f"video alone is {video / 2**20:.0f} MiB)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -921,20 +1085,26 @@ def load(folder, dtype: mx.Dtype | None = None, encoder: bool = False) -> WanVAE
 def plan_decode(section: dict | None, latent_shape: tuple, limit_bytes: int, low_memory: bool = False,
                 notes: list | None = None) -> tuple:
     """(tile, predicted peak bytes) for the pipeline's memory plan from a folder's ``vae`` section: whole frames
-    if they fit a quarter of the limit (an eighth with ``low_memory``), else the largest tiles that do, else
-    tiles for the whole limit; ``MemoryError`` when nothing fits. ``(None, None)`` without a section."""
+    when they fit the limit (the decoder runs after the DiT is released, and tiles cost time: overlapping
+    crops are decoded twice), else the largest tiles that fit; in low-memory mode an eighth of the limit
+    first. ``MemoryError`` when nothing fits. ``(None, None)`` without a section."""
     from ..utils import config_from_dict, on_gpu
 
     if not section:
         return None, None
     config = config_from_dict(WanVAEConfig, section)
     itemsize = 2 if on_gpu() else 4
-    budget = max(64 * 2**20, limit_bytes // (8 if low_memory else 4))
+    budget = max(64 * 2**20, limit_bytes // 8) if low_memory else limit_bytes
     try:
         tile = choose_tile(config, latent_shape, min(budget, limit_bytes), itemsize)
     except MemoryError:
+        if budget >= limit_bytes:
+            raise
         tile = choose_tile(config, latent_shape, limit_bytes, itemsize)  # may raise: the plan refuses the job
         if notes is not None:
-            notes.append(f"Wan VAE decode given the whole limit (tiles {tile})" if tile else
-                         "Wan VAE decode given the whole limit (its feature caches alone exceed the decoder's share)")
+            notes.append("Wan VAE decode given the whole limit (its low-memory share does not fit)")
+    if tile is not None and notes is not None:
+        notes.append(f"Wan VAE decoded in exact tiles of at most {tile} pixels (whole frames do not fit)"
+                     if isinstance(tile, int) else f"Wan VAE decoded in diffusers' blended tiles {tile} (whole "
+                     f"frames and exact tiles within {MAX_TILE_WORK:g}x the work do not fit; blending is inexact)")
     return tile, decoder_peak_bytes(config, latent_shape, tile, itemsize)

@@ -4,7 +4,11 @@ Each stage adds one component to the model folder --out (created if needed):
   autoencoder  TAEHV encoder+decoder (16 latent channels, 8x spatial, 4x temporal)
   text         sentencepiece tokenizer + small UMT5 encoder (masked-token pre-training)
   teacher      Wan DiT trained with flow matching on the autoencoder latents (needs the two above)
-  all          the three in order
+  prune        student: the teacher's DiT Taylor-pruned (heads x5/6, FFN halved) into <out>/student
+  stage1       student Stage I: flow matching + output and layer alignment to the teacher
+  stage2       student Stage II: flow matching only
+  distill      4-step generator by distribution matching (DMD) into <out>/distilled (the model to ship)
+  all          every stage in order
 
 Training is seeded (--seed), shows a progress bar with the loss, writes <out>/train/<stage>/log.json and
 loss.png, and checkpoints atomically every --checkpoint-every steps; --resume continues a killed run
@@ -20,14 +24,19 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_STEPS = {"autoencoder": 400, "text": 300, "teacher": 800}
+DEFAULT_STEPS = {"autoencoder": 900, "text": 300, "teacher": 1300, "prune": 1, "stage1": 300, "stage2": 200,
+                 "distill": 300}
 STAGES = ("autoencoder", "text", "teacher")
+STUDENT_STAGES = ("prune", "stage1", "stage2", "distill")  # recipe/student.py, recipe/distill.py
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("recipe", help="train a small model on the synthetic shapes world",
                               description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=(*STAGES, "all"), help="which stage to train")
+    p.add_argument("stage", choices=(*STAGES, *STUDENT_STAGES, "all"), help="which stage to train")
+    p.add_argument("--teacher", default=None, help="student stages: the teacher model folder (default: --out)")
+    p.add_argument("--init", choices=("taylor", "magnitude", "random"), default="taylor",
+                   help="prune: how heads and FFN channels are ranked (default taylor; the others are baselines)")
     p.add_argument("--out", required=True, help="model folder to write (created if needed)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (defaults: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
@@ -47,8 +56,12 @@ def run(args) -> int:
     from .stages import SIZES, train_autoencoder, train_teacher, train_text
     from .train import RecipeError
 
-    fns = {"autoencoder": train_autoencoder, "text": train_text, "teacher": train_teacher}
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    from .distill import train_distill
+    from .student import recipe_prune, recipe_stage1, recipe_stage2
+
+    fns = {"autoencoder": train_autoencoder, "text": train_text, "teacher": train_teacher, "prune": recipe_prune,
+           "stage1": recipe_stage1, "stage2": recipe_stage2, "distill": train_distill}
+    stages = (*STAGES, *STUDENT_STAGES) if args.stage == "all" else (args.stage,)
     try:
         if args.steps is not None and args.steps < 1:
             raise RecipeError(f"--steps must be >= 1, got {args.steps}")
@@ -67,6 +80,8 @@ def run(args) -> int:
             kwargs = dict(checkpoint_every=args.checkpoint_every, progress=not args.quiet, stop_after=args.stop_after)
             if args.lr is not None:
                 kwargs["lr"] = args.lr
+            if name in STUDENT_STAGES:
+                kwargs.update(teacher=args.teacher, init=args.init)
             summary = fns[name](out, args.steps or DEFAULT_STEPS[name], args.seed, args.resume, SIZES[args.size],
                                 **kwargs)
             brief = {k: summary.get(k) for k in ("stage", "step", "steps", "wall_seconds", "steps_per_second",

@@ -53,9 +53,11 @@ def _cross_kv(attn: wan_dit.Attention, text: mx.array):
     return k, v
 
 
-def dit_forward(dit: wan_dit.WanDiT, latents: mx.array, time_features: mx.array, context: mx.array) -> mx.array:
+def dit_forward(dit: wan_dit.WanDiT, latents: mx.array, time_features: mx.array, context: mx.array,
+                hidden: list | None = None) -> mx.array:
     """``WanDiT.__call__`` in plain MLX (fp32). ``time_features = wan_dit.sinusoidal_embedding(t, freq_dim)``
-    (computed on the host in float64, as the runtime does); ``context [B, text_len, text_dim]``."""
+    (computed on the host in float64, as the runtime does); ``context [B, text_len, text_dim]``. A ``hidden``
+    list receives the residual stream ``[B, L, dim]`` after every block (the layer-alignment targets)."""
     c = dit.config
     tokens, grid = dit.patchify(latents)
     x = dit.patch_embedding(tokens)
@@ -74,6 +76,8 @@ def dit_forward(dit: wan_dit.WanDiT, latents: mx.array, time_features: mx.array,
         x = x + _attention(blk.cross_attn, n3, kv=_cross_kv(blk.cross_attn, text))
         h = _layer_norm(x, c.eps) * (1 + scale_ffn) + shift_ffn
         x = x + blk.ffn.fc2(gelu_tanh(blk.ffn.fc1(h))) * gate_ffn
+        if hidden is not None:
+            hidden.append(x)
     hm = dit.head.modulation + e[:, None, :]
     out = dit.head.linear(_layer_norm(x, c.eps) * (1 + hm[:, 1:2]) + hm[:, 0:1])
     return dit.unpatchify(out, grid)
@@ -156,6 +160,11 @@ def taehv_encode(model: taehv.TAEHV, frames: mx.array) -> mx.array:
 
 
 def taehv_decode(model: taehv.TAEHV, latents: mx.array) -> mx.array:
-    """``taehv.decode`` (patch size 1): latents -> frames ``[B, 4T-3, 8H, 8W, 3]`` in [0, 1]."""
-    x = mx.clip(_taehv_layers(model.decoder, latents), 0.0, 1.0)
+    """``taehv.decode`` (patch size 1): latents -> frames ``[B, 4T-3, 8H, 8W, 3]`` in [0, 1].
+
+    The clip to [0, 1] is straight-through: the forward equals the runtime's, but gradients pass pixels
+    that are out of range (a plain clip gives them none, and a decoder whose outputs all leave the range
+    early in training never recovers: the loss sits still)."""
+    x = _taehv_layers(model.decoder, latents)
+    x = x + mx.stop_gradient(mx.clip(x, 0.0, 1.0) - x)
     return x[:, model.config.frames_to_trim:]

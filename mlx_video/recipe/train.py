@@ -48,6 +48,8 @@ class Stage:
     warmup: int = 50
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8  # AdamW's epsilon (Stage II of the student uses 1e-15)
+    lr_floor: float = 0.1  # the cosine decay ends at lr * lr_floor (Stage II: 0.5, "decaying to half")
     clip_norm: float = 1.0
     progress: bool = True
     stop_after: int | None = None  # stop (as if killed) after this step: tests and `--stop-after`
@@ -63,11 +65,12 @@ class Stage:
 
 
 def make_optimizer(stage: Stage) -> optim.AdamW:
-    """AdamW with linear warm-up and cosine decay to 10% (the schedule reads the optimizer's own step)."""
+    """AdamW with linear warm-up and cosine decay to ``lr_floor`` (10% by default; the schedule reads the
+    optimizer's own step)."""
     warmup = max(1, min(stage.warmup, stage.steps // 4))
-    decay = optim.cosine_decay(stage.lr, max(1, stage.steps - warmup), stage.lr * 0.1)
+    decay = optim.cosine_decay(stage.lr, max(1, stage.steps - warmup), stage.lr * stage.lr_floor)
     schedule = optim.join_schedules([optim.linear_schedule(stage.lr * 0.01, stage.lr, warmup), decay], [warmup])
-    return optim.AdamW(learning_rate=schedule, betas=list(stage.betas), weight_decay=stage.weight_decay)
+    return optim.AdamW(learning_rate=schedule, betas=list(stage.betas), eps=stage.eps, weight_decay=stage.weight_decay)
 
 
 def check_stage(stage: Stage) -> None:

@@ -1,0 +1,50 @@
+"""Model maths the native CPU kernels normally stand in for (issue 19: survivors of the mutation run of
+``models/wan_dit.py``): the MLX/NumPy paths run on GPUs and where the native build is missing, so they are checked
+here with the native kernels off, against float64 formulas written here."""
+
+from __future__ import annotations
+
+import mlx_video  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import numpy as np
+
+from mlx_video import native
+from mlx_video.models import wan_dit
+
+
+def test_rope_mlx_path_rotates_adjacent_pairs(monkeypatch):
+    monkeypatch.setattr(native, "enabled", lambda: False)
+    rng = np.random.default_rng(0)
+    b, l, h, d = 2, 5, 3, 8
+    x = rng.standard_normal((b, l, h, d)).astype(np.float32)
+    angles = rng.uniform(-3, 3, (l, d // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    out = wan_dit.apply_rope(mx.array(x).astype(mx.bfloat16), mx.array(cos)[None, :, None], mx.array(sin)[None, :, None])
+    assert out.dtype == mx.float32 and out.shape == (b, l, h, d)
+    xb = np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32), np.float64)
+    re, im = xb[..., 0::2], xb[..., 1::2]
+    c, s = cos[None, :, None].astype(np.float64), sin[None, :, None].astype(np.float64)
+    ref = np.stack([re * c - im * s, re * s + im * c], -1).reshape(b, l, h, d)
+    assert np.abs(np.array(out) - ref).max() < 1e-5
+
+
+def test_ffn_token_chunks_keep_the_hidden_activation_within_the_budget(monkeypatch):
+    """Bug caught: the FFN chunk sized from the model width instead of the hidden width (chunks several times
+    the budget); chunked and whole results equal (float64 reference)."""
+    rng = np.random.default_rng(1)
+    dim, hidden, tokens = 16, 96, 50
+    ffn = wan_dit.FeedForward(dim, hidden)
+    ffn.fc1.weight, ffn.fc1.bias = (mx.array(rng.standard_normal(s).astype(np.float32) * 0.3) for s in ((hidden, dim), (hidden,)))
+    ffn.fc2.weight, ffn.fc2.bias = (mx.array(rng.standard_normal(s).astype(np.float32) * 0.3) for s in ((dim, hidden), (dim,)))
+    rows = []
+    original = wan_dit.linear
+    monkeypatch.setattr(wan_dit, "linear", lambda layer, x: (rows.append(x.shape[1]) if layer is ffn.fc1 else None)
+                        or original(layer, x))
+    x = rng.standard_normal((1, tokens, dim)).astype(np.float32)
+    budget = hidden * 4 * 2 * 7  # the [tokens, hidden] fp32 activation and its GELU: 7 tokens fit
+    out = np.array(ffn(mx.array(x), budget=budget))
+    assert rows == [7] * 7 + [1]
+    w1, b1, w2, b2 = (np.array(a, np.float64) for a in (ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias))
+    hpre = x.astype(np.float64) @ w1.T + b1
+    g = 0.5 * hpre * (1 + np.tanh(np.sqrt(2 / np.pi) * (hpre + 0.044715 * hpre**3)))
+    assert np.abs(out - (g @ w2.T + b2)).max() < 1e-4
