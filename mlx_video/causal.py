@@ -312,6 +312,24 @@ class CacheFull(ValueError):
     pass
 
 
+def _layer_buffers(cache, i: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+    """Layer ``i``'s preallocated ``[B, H, capacity, D]`` K/V buffers, made on first use with the keys' dtype."""
+    if cache.k[i] is None:
+        b, h, _, d = k.shape
+        cache.k[i] = mx.zeros((b, h, cache.capacity, d), dtype=k.dtype)
+        cache.v[i] = mx.zeros((b, h, cache.capacity, d), dtype=v.dtype)
+    return cache.k[i], cache.v[i]
+
+
+def _evict_after_sink(K: mx.array, V: mx.array, local: int, evict: int, sink: int) -> None:
+    """Drop the ``evict`` oldest tokens after the first ``sink`` ones, shifting the rest of the ``local`` stored
+    tokens left in place ([SF]'s window rule, shared by LongLive's and Rolling Forcing's caches)."""
+    rolled = local - evict - sink
+    if rolled > 0:
+        K[:, :, sink:sink + rolled] = K[:, :, sink + evict:sink + evict + rolled]
+        V[:, :, sink:sink + rolled] = V[:, :, sink + evict:sink + evict + rolled]
+
+
 class KVCache:
     """Self-attention K/V of every layer, ``[B, heads_layer, capacity, head_dim]`` each (heads per layer, so
     pruned models fit), in the DiT's matmul dtype. Index bookkeeping follows [SF]
@@ -345,21 +363,14 @@ class KVCache:
 
     def update(self, i: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store layer ``i``'s new roped keys and values ``[B, H, L, D]``; return the K/V to attend to."""
-        b, h, n, d = k.shape
+        n = k.shape[2]
         cap = self.capacity
-        if self.k[i] is None:
-            self.k[i] = mx.zeros((b, h, cap, d), dtype=k.dtype)
-            self.v[i] = mx.zeros((b, h, cap, d), dtype=v.dtype)
-        K, V = self.k[i], self.v[i]
+        K, V = _layer_buffers(self, i, k, v)
         g, local = self.global_end[i], self.local_end[i]
         current_end = self.current_start + n
         if self.windowed and current_end > g and n + local > cap:
-            evict = n + local - cap  # drop the oldest frames after the sink, shift the rest left
-            rolled = local - evict - self.sink
-            if rolled > 0:
-                s = self.sink
-                K[:, :, s:s + rolled] = K[:, :, s + evict:s + evict + rolled]
-                V[:, :, s:s + rolled] = V[:, :, s + evict:s + evict + rolled]
+            evict = n + local - cap
+            _evict_after_sink(K, V, local, evict, self.sink)
             local_end = local + current_end - g - evict
         else:
             local_end = local + current_end - g
@@ -435,24 +446,17 @@ class RollingKVCache:
         return apply_rope(keys.transpose(0, 2, 1, 3), cos, sin).astype(keys.dtype).transpose(0, 2, 1, 3)
 
     def update(self, i: int, k: mx.array, v: mx.array, unroped: mx.array) -> tuple[mx.array, mx.array]:
-        b, h, n, d = k.shape
+        n = k.shape[2]
         blk, cap = self.block, self.capacity
         if n < blk:
             raise ValueError(f"a rolling forward holds whole blocks of {blk} tokens, got {n}")
-        if self.k[i] is None:
-            self.k[i] = mx.zeros((b, h, cap, d), dtype=k.dtype)
-            self.v[i] = mx.zeros((b, h, cap, d), dtype=v.dtype)
-        K, V = self.k[i], self.v[i]
+        K, V = _layer_buffers(self, i, k, v)
         g, local = self.global_end[i], self.local_end[i]
         cache_end = self.current_start + blk  # only the first block is cached
         new = cache_end - g
         if new > 0 and new + local > cap:
             evict = new + local - cap
-            rolled = local - evict - self.sink
-            if rolled > 0:
-                s = self.sink
-                K[:, :, s:s + rolled] = K[:, :, s + evict:s + evict + rolled]
-                V[:, :, s:s + rolled] = V[:, :, s + evict:s + evict + rolled]
+            _evict_after_sink(K, V, local, evict, self.sink)
             local_end = local + cache_end - g - evict
             local_start = local_end - blk
             K[:, :, local_start:local_end] = k[:, :, :blk]
