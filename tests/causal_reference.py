@@ -97,6 +97,13 @@ class MaskedSelfAttention:
         return self.inner(attn, hidden_states, None, self.mask, rotary_emb)
 
 
+def project_qkv(attn, hidden_states):
+    """diffusers ``WanAttention``'s normalised q, k and v, split into heads ``[B, L, H, D]`` (before RoPE)."""
+    q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+    return q, k, attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+
+
 class CachedSelfAttention:
     """[SF] ``CausalWanSelfAttention`` kv-cache branch, one layer; ``state`` holds the block position."""
 
@@ -107,9 +114,7 @@ class CachedSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = project_qkv(attn, hidden_states)
         cos, sin = rotary(st["rope"], st["frames"], st["h"], st["w"], st["start_frame"])
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         frame_tokens = st["h"] * st["w"]
@@ -297,9 +302,7 @@ class RollingCachedSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q, k, v = project_qkv(attn, hidden_states)
         frame_tokens, fpb = st["h"] * st["w"], st["fpb"]
         block = fpb * frame_tokens
         start_frame = st["start_frame"]
