@@ -89,3 +89,12 @@ def run_diffusers(model, latents_ncfhw: np.ndarray, t: float, context: np.ndarra
 def rel_error(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def softmax_attention_f64(q, k, v, scale):
+    """Plain softmax attention in float64 NumPy over ``[..., L, D]`` inputs (MLX or NumPy arrays): the
+    independent reference of the attention kernels' parity tests."""
+    q, k, v = (np.array(t, np.float64) for t in (q, k, v))
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v

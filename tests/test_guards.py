@@ -22,6 +22,7 @@ from mlx_video import ops, pipeline, sampling, video
 from mlx_video.models import taehv, umt5, wan_dit
 from mlx_video.utils import config_from_dict
 from mlx_video.video import GenerationFailed, VideoWriter, check_finite, read_video, write_video
+from tests.dit_reference import softmax_attention_f64
 from tests.model_factory import build_model_folder
 
 MB = 1024**2
@@ -552,13 +553,6 @@ def test_errors_inside_the_writer_block_propagate_and_leave_nothing(tmp_path):
 # ------------------------------------------------------------------------------------ ops (mutation)
 
 
-def _softmax_attention_f64(q, k, v, scale):
-    qn, kn, vn = (np.array(a, np.float64) for a in (q, k, v))
-    s = qn @ kn.swapaxes(-1, -2) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ vn
-
-
 def test_cpu_softmax_survives_extreme_scores_and_many_rows(monkeypatch):
     """Bugs caught in the NumPy softmax: a shift by + max or by the global max (overflow / underflow to 0/0),
     blocks iterated over the wrong axis (rows left unnormalised), and the fallback for a score buffer NumPy
@@ -567,7 +561,7 @@ def test_cpu_softmax_survives_extreme_scores_and_many_rows(monkeypatch):
     q, k, v = (mx.random.normal((b, h, n, d), key=mx.random.key(10 + i)) for i, n in enumerate((lq, lk, lk)))
     # scores of about +-100 in some rows and small ones in others: exp overflows without the per-row shift
     q = q * mx.array(np.where(np.arange(lq) % 3 == 0, 12.0, 0.05).astype(np.float32))[None, None, :, None]
-    ref = _softmax_attention_f64(q, k, v, 1.0)
+    ref = softmax_attention_f64(q, k, v, 1.0)
     out = np.array(ops.attention(q, k, v, 1.0, budget_bytes=1 << 30, fused=False))
     assert np.isfinite(out).all() and np.abs(out - ref).max() < 1e-4
     monkeypatch.setattr(ops, "_owned_numpy_view", lambda a: None)  # a score buffer that is not ours to overwrite

@@ -16,13 +16,7 @@ import numpy as np
 import pytest
 
 from mlx_video import native, ops
-
-
-def _attention64(q, k, v, scale):
-    qn, kn, vn = (np.array(a, np.float64) for a in (q, k, v))
-    s = qn @ kn.swapaxes(-1, -2) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ vn
+from tests.dit_reference import softmax_attention_f64
 
 
 # ---------------------------------------------------------------------------------- memory figures
@@ -88,7 +82,7 @@ def test_row_blocks_cover_every_row_once_in_order_on_any_core_count(monkeypatch,
     # and the CPU softmax attention is exact with a single query row and more threads than rows
     q, k, v = (mx.random.normal((1, 1, n, 8), key=mx.random.key(i)) for i, n in enumerate((1, 40, 40)))
     out = np.array(ops.attention(q, k, v, 0.5, budget_bytes=1 << 30, fused=False, native=False))
-    assert np.abs(out - _attention64(q, k, v, 0.5)).max() < 1e-5
+    assert np.abs(out - softmax_attention_f64(q, k, v, 0.5)).max() < 1e-5
 
 
 def test_exp_shifted_rows_normalises_each_row_by_its_own_max():

@@ -16,6 +16,7 @@ import mlx_video  # noqa: F401  (fast BLAS before MLX)
 import mlx.core as mx
 
 from mlx_video import native, ops
+from tests.dit_reference import softmax_attention_f64
 
 needs_native = pytest.mark.skipif(not native.enabled(), reason=native.describe())
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -29,13 +30,6 @@ def _rel_max(a, ref) -> float:
 def _rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _attention64(q, k, v, scale):
-    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-    s = q @ np.swapaxes(k, -1, -2) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ v
 
 
 @needs_native
@@ -52,7 +46,7 @@ def test_flash_attention_matches_float64_and_the_mlx_path(b, h, lq, lk, d):
     scale = d ** -0.5
     out = ops.attention(q, k, v, scale)
     assert ops.native_attention_used() and out.dtype == mx.float32 and out.shape == (b, h, lq, d)
-    ref = _attention64(q, k, v, scale)
+    ref = softmax_attention_f64(q, k, v, scale)
     assert _rel_max(out, ref) <= 2e-6
     # as exact as the MLX/NumPy path it replaces (both fp32; neither is the float64 truth)
     assert _rel_l2(out, ref) <= max(1.5 * _rel_l2(ops.attention(q, k, v, scale, native=False), ref), 5e-7)
@@ -64,13 +58,13 @@ def test_flash_attention_reads_strided_and_broadcast_operands():
     x = mx.array(rng.standard_normal((2, 150, 4, 32)).astype(np.float32))  # [B, L, H, D] as the DiT holds it
     q = k = v = x.transpose(0, 2, 1, 3)  # [B, H, L, D] views, rows strided by H * D
     ctx = mx.broadcast_to(mx.array(rng.standard_normal((1, 4, 9, 32)).astype(np.float32)), (2, 4, 9, 32))
-    ref_self = _attention64(np.array(q), np.array(k), np.array(v), 0.2)
+    ref_self = softmax_attention_f64(np.array(q), np.array(k), np.array(v), 0.2)
     assert _rel_max(ops.attention(q, k, v, 0.2), ref_self) <= 2e-6
-    ref_cross = _attention64(np.array(q), np.array(ctx), np.array(ctx), 0.2)
+    ref_cross = softmax_attention_f64(np.array(q), np.array(ctx), np.array(ctx), 0.2)
     assert _rel_max(ops.attention(q, ctx, ctx, 0.2), ref_cross) <= 2e-6
     # a transposed last axis forces the kernel's contiguous copy
     kt = mx.array(rng.standard_normal((2, 4, 32, 60)).astype(np.float32)).swapaxes(-1, -2)
-    assert _rel_max(ops.attention(q, kt, kt, 0.2), _attention64(np.array(q), np.array(kt), np.array(kt), 0.2)) <= 2e-6
+    assert _rel_max(ops.attention(q, kt, kt, 0.2), softmax_attention_f64(q, kt, kt, 0.2)) <= 2e-6
 
 
 @needs_native
