@@ -145,8 +145,9 @@ def _from_metadata(path: str) -> dict:
             isinstance(e, list) and len(e) == 2 and type(e[0]) is int and isinstance(e[1], str) for e in schedule):
         raise UsageError(f"--config-from-metadata {path}: field 'prompt_schedule' must be [[frame, prompt], ...]")
     s = meta.get("sampler") or {}
-    return dict(prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), height=meta.get("height"),
-                prompt_schedule=schedule, width=meta.get("width"), frames=meta.get("frames"), fps=meta.get("fps"), seed=meta.get("seed"),
+    return dict(prompt=meta.get("prompt"), negative_prompt=meta.get("negative_prompt"), prompt_schedule=schedule,
+                height=meta.get("height"), width=meta.get("width"), frames=meta.get("frames"), fps=meta.get("fps"),
+                seed=meta.get("seed"),
                 model=meta.get("model_path") or meta.get("model"),
                 decoder=meta.get("decoder") if meta.get("decoder") in ("taehv", "wan-vae") else None,
                 sampler=dict(name=s.get("name"), steps=s.get("steps"), shift=s.get("shift"),
