@@ -70,6 +70,25 @@ def test_scorer_is_near_perfect_on_ground_truth():
     assert acc["colour"] == 1.0 and acc["motion"] == 1.0 and acc["shape"] >= 0.98 and acc["all"] >= 0.98
 
 
+def test_scorer_ignores_a_faint_background_ripple():
+    """A decoder's faint background ripple (here +-0.06 per pixel) must not count as shape area: with the
+    plain linear coverage it added the area of a second shape and turned circles into squares."""
+    rows, rippled_ratio, clean_ratio = [], [], []
+    for i, p in enumerate(world.eval_prompts()):
+        a = world.parse_caption(p)
+        rng = np.random.default_rng([i, 5])
+        clip = world.render_clip(world.sample_scene(rng, shape=a["shape"], colour=a["colour"],
+                                                    background=a["background"], motion=a["motion"]))
+        ripple = rng.uniform(-0.06, 0.06, size=clip.shape[1:3] + (1,)).astype(np.float32)
+        predicted = score.analyse(np.clip(clip + ripple, 0, 1))
+        rows.append(score.score(predicted, a))
+        rippled_ratio.append(predicted["fill_ratio"])
+        clean_ratio.append(score.analyse(clip)["fill_ratio"])
+    acc = score.summarise(rows)
+    assert acc["shape"] >= 0.95 and acc["motion"] >= 0.95 and acc["colour"] == 1.0, acc
+    assert np.median(np.abs(np.array(rippled_ratio) - clean_ratio)) < 0.05
+
+
 def test_scorer_is_near_chance_on_noise():
     rng = np.random.default_rng(0)
     rows = [score.score(score.analyse(rng.uniform(size=(17, 64, 64, 3))), world.parse_caption(p))
