@@ -290,16 +290,57 @@ def run(modules: list[str], budget_s: float, rerun: bool = False, sample: int = 
             shutil.copy2(meta, meta.with_name(meta.name + ".before"))
             _save_merged(module)
             args += survivors
-        print(f"{module}: mutmut {' '.join(args[:3])} ... in {d} (budget {left:.0f} s)", flush=True)
+            with open(d / "mutmut.log", "a") as log:  # the stats again: which of the refreshed tests reach what
+                _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+        names = args[3:]
         with open(d / "mutmut.log", "a") as log:
-            try:
-                _mutmut(d, *args, timeout=left, log=log)
-            except subprocess.TimeoutExpired:
-                print(f"{module}: stopped at the time budget (partial results)", flush=True)
+            if not names:  # a full run: generate the mutants and the stats (as the sample draw does), run all
+                _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+                names = sorted(_exit_codes(_meta(module)))
+        print(f"{module}: {len(names)} mutants, each in a fresh process, in {d} (budget {left:.0f} s)", flush=True)
+        if not _run_fresh(module, d, names, deadline):
+            print(f"{module}: stopped at the time budget (partial results)", flush=True)
         counts: dict[str, int] = {}
         for s in statuses(module).values():
             counts[s] = counts.get(s, 0) + 1
         print(f"{module}: {counts}", flush=True)
+
+
+def _run_fresh(module: str, d: Path, names: list[str], deadline: float) -> bool:
+    """Run each mutant's tests (those mutmut's stats say reach the mutated function) in a fresh pytest
+    process and record mutmut's exit code in its ``.meta`` file. False when the deadline stopped it.
+
+    Not mutmut's own runner: it forks every mutant from a server process, and on this machine MLX
+    evaluation in such a forked child can block forever (seen in ops: a kill read as a timeout after
+    ten minutes; the same mutant in a fresh process fails its test in 3 s). A timeout counts as caught,
+    so those hangs inflated the score. Wall limit: 10 x (the tests' clean time + 20 s)."""
+    stats = json.loads((d / "mutants" / "mutmut-stats.json").read_text())
+    tests_of, durations = stats["tests_by_mangled_function_name"], stats["duration_by_test"]
+    env = dict(os.environ, PYTHONPATH=str(d / "mutants"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    if d.name not in BUILDS_MODEL:
+        env["MLX_VIDEO_TEST_MODEL"] = str(_model_cache())
+    meta = _meta(module)
+    data = json.loads(meta.read_text())
+    for k, name in enumerate(names):
+        if time.monotonic() > deadline:
+            return False
+        tests = tests_of.get(name.rsplit("__mutmut_", 1)[0], [])
+        if not tests:
+            code = 33  # no selected test reaches the function
+        else:
+            limit = 10 * (sum(durations.get(t, 1.0) for t in tests) + TIMEOUT_CONSTANT.get(module, 20.0))
+            try:
+                code = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                       *tests], cwd=d / "mutants",
+                                      env=dict(env, MUTANT_UNDER_TEST=name), capture_output=True,
+                                      timeout=min(limit, max(1.0, deadline - time.monotonic()))).returncode
+            except subprocess.TimeoutExpired:
+                code = 36
+        data["exit_code_by_key"][name] = code
+        meta.write_text(json.dumps(data))
+        print(f"{module} [{k + 1}/{len(names)}] {name}: {code}", flush=True)
+    return True
 
 
 def _meta(module: str) -> Path:
@@ -467,6 +508,19 @@ def _markdown(data: dict) -> str:
         for r in json.loads(planted_file.read_text()):
             by = ", ".join(f"`{t.split('::')[-1]}`" for t in r.get("tests", []))
             lines.append(f"| {r['bug']} | {'yes' if r['caught'] else 'NO' if r['caught'] is False else '?'} | {by} |")
+    swift_file = RESULTS / "mutation_swift.json"  # python -m benchmarks.mutation_swift
+    if swift_file.exists():
+        sw = json.loads(swift_file.read_text())
+        sample = sw.get("sample") or {}
+        swift_score = "n/a" if sw["score"] is None else f"{100 * sw['score']:.1f}%"
+        lines += ["", "## Swift templates (`python -m benchmarks.mutation_swift`: compiled golden XCTests)", "",
+                  f"{sw['mutants']} single-line mutants of the templated sources of an export; "
+                  f"{sample.get('size', 'all')} checked (seed {sample.get('seed', '-')}): killed {sw['killed']}, "
+                  f"survived {sw['survived']}, did not compile {sw['invalid']} (not counted); score "
+                  f"{swift_score}.", ""]
+        for r in sw["results"]:
+            by = f" by {', '.join(r['failed'])}" if r.get("failed") else ""
+            lines.append(f"- {r['status']}{by}: `{r['file']}:{r['line']}` ({r['kind']}): `{r['new'].strip()}`")
     lines += ["", "Test selection per module (mutmut then runs, per mutant, only the selected tests that reach the "
               "mutated function):", ""]
     lines += [f"- {module}: " + ", ".join(f"`{t}`" for t in m["tests"]) for module, m in data["modules"].items()]

@@ -216,3 +216,36 @@ def test_the_cpu_row_kernels_work_in_a_forked_child():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_the_cpu_chunk_counts_one_score_buffer_and_other_devices_three(monkeypatch):
+    """The CPU softmax works in place on the scores (one buffer per query row); MLX's softmax elsewhere holds
+    scores, exponentials and probabilities (three). Bug caught: the CPU sized like the GPU (chunks 3x too
+    small, three times the passes)."""
+    per_row = 2 * 4 * 100 * 4  # batch x heads x keys x fp32
+    assert mx.default_device() == mx.cpu
+    assert ops.attention_chunk_size(2, 4, 100, budget_bytes=per_row * 30) == 30
+    monkeypatch.setattr(ops.mx, "default_device", lambda: mx.gpu)
+    assert ops.attention_chunk_size(2, 4, 100, budget_bytes=per_row * 30) == 10
+
+
+def test_the_native_norm_takes_per_batch_and_per_channel_modulation():
+    """``[D]`` and ``[1 | B, 1, D]`` modulation go to the native kernel; anything else does not. Bug caught:
+    ``[B, 1, D]`` refused (every adaLN norm then ran on the slower NumPy path)."""
+    x = mx.zeros((3, 5, 8))
+    for ok in ((8,), (1, 1, 8), (3, 1, 8)):
+        assert ops._per_batch_rows(mx.zeros(ok), x), ok
+    for bad in ((2, 1, 8), (3, 5, 8), (1, 8), (3, 1, 1, 8), (9,)):
+        assert not ops._per_batch_rows(mx.zeros(bad), x), bad
+
+
+def test_native_conv_refuses_a_half_precision_bias(monkeypatch):
+    """Every operand of the native 3x3 convolution must be fp32, the bias too (the kernel reads it as
+    floats). Bug caught: the bias left out of the dtype check."""
+    monkeypatch.setattr(native, "enabled", lambda: True)
+    monkeypatch.setattr(native, "kernels", lambda: type("K", (), {"conv3x3": staticmethod(lambda *a: "native")}))
+    x, w = mx.zeros((1, 4, 4, 2)), mx.zeros((3, 3, 3, 2))
+    assert ops.native_conv3x3([x], w, mx.zeros((3,))) == "native"
+    assert ops.native_conv3x3([x], w, None) == "native"
+    assert ops.native_conv3x3([x], w, mx.zeros((3,), mx.float16)) is None
+    assert ops.native_conv3x3([x.astype(mx.float16)], w, mx.zeros((3,))) is None
