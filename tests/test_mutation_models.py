@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mlx_video  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
+import mlx.utils
 import numpy as np
 
 from mlx_video import native
@@ -48,3 +49,22 @@ def test_ffn_token_chunks_keep_the_hidden_activation_within_the_budget(monkeypat
     hpre = x.astype(np.float64) @ w1.T + b1
     g = 0.5 * hpre * (1 + np.tanh(np.sqrt(2 / np.pi) * (hpre + 0.044715 * hpre**3)))
     assert np.abs(out - (g @ w2.T + b2)).max() < 1e-4
+
+
+def test_per_frame_timesteps_that_agree_equal_one_timestep_and_each_frame_gets_its_own():
+    """Per-frame timesteps (the causal presets): all frames at one t equal the scalar-t call; changing one
+    frame's t changes that frame's velocity most. Bug caught: the per-frame modulation reshaped without its
+    six rows."""
+    mx.random.seed(3)
+    model = wan_dit.WanDiT(wan_dit.WanDiTConfig(dim=32, num_layers=2, self_attn_heads=2, cross_attn_heads=2,
+                                                ffn_dim=48, head_dim=16, text_dim=24, text_len=8, freq_dim=32))
+    model.update(mlx.utils.tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), model.parameters()))
+    frames = 3
+    x = mx.random.normal((1, frames, 4, 6, model.config.in_channels))
+    ctx = mx.random.normal((1, 5, model.config.text_dim))
+    one = np.array(model(x, [700.0], context=ctx))
+    same = np.array(model(x, [[700.0] * frames], context=ctx))
+    assert np.abs(same - one).max() < 1e-5 * np.abs(one).max()
+    mixed = np.array(model(x, [[700.0, 700.0, 100.0]], context=ctx))
+    change = np.abs(mixed - one).reshape(frames, -1).mean(axis=1)
+    assert change[2] > 0 and change[2] == change.max()

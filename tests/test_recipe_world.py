@@ -200,3 +200,24 @@ def test_runtime_never_imports_the_recipe():
 
     assert cli.COMMANDS["recipe"][0] == "mlx_video.recipe.cli" and cli.COMMANDS["eval"][0] == "mlx_video.recipe.evaluate"
     assert all(not n.startswith("mlx_video.recipe") for n, _ in tree_flatten({}))  # noqa: keeps tree_flatten used
+
+
+def test_caption_attributes_state_what_the_caption_says_of_its_scene():
+    """The text encoder's attribute targets: every caption form of a scene states its colour and shape, its
+    motion unless it is an image caption, and background and size only where the words are there."""
+    rng = np.random.default_rng(2)
+    seen = {name: set() for name in world.CAPTION_ATTRIBUTES}
+    for _ in range(60):
+        scene = world.sample_scene(rng)
+        for text in world.scene_captions(scene):
+            said = world.caption_attributes(text)
+            assert said["colour"] == scene.colour and said["shape"] == scene.shape, text
+            image = text.startswith(("an image", "a picture")) or text.endswith("photo")
+            assert said["motion"] == ("unsaid" if image else scene.motion), text
+            assert said["background"] in (scene.background, "unsaid") and (said["background"] == "unsaid") == (
+                f"{scene.background} background" not in text), text
+            assert said["size"] == (scene.size if f"{scene.size} " in text and scene.size != "medium" else "unsaid")
+            for name, value in said.items():
+                assert value in world.CAPTION_ATTRIBUTES[name]
+                seen[name].add(value)
+    assert all(len(v) == len(world.CAPTION_ATTRIBUTES[k]) for k, v in seen.items()), seen

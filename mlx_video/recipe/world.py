@@ -163,6 +163,28 @@ def all_captions() -> list[str]:
     return sorted(set(out))
 
 
+# What a caption says, word by word (paraphrases included); what it leaves out is "unsaid". The text
+# encoder's pre-training predicts these from every token (recipe/stages.py), so that each position of its
+# output carries the whole prompt, not only its own word.
+CAPTION_ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "motion": (*MOTIONS, "unsaid"),
+                      "background": (*BACKGROUNDS, "unsaid"), "size": ("small", "large", "unsaid")}
+_STILL_WORDS = ("still", "motionless", "does not move", "resting")
+
+
+def caption_attributes(text: str) -> dict[str, str]:
+    """The attributes a (canonical or paraphrased) caption states: {name: value or "unsaid"}."""
+    words = re.findall(r"[a-z]+", text.lower())
+    joined = " ".join(words)
+
+    def first(values, default="unsaid"):
+        return next((v for v in values if v in words), default)
+
+    motion = "still" if any(w in joined for w in _STILL_WORDS) else first(MOTIONS[:4])
+    background = next((b for b in BACKGROUNDS if f"{b} background" in joined), "unsaid")
+    return {"colour": first(COLOURS), "shape": first(SHAPES), "motion": motion, "background": background,
+            "size": first(("small", "large"))}
+
+
 _CANONICAL = re.compile(r"a (?:(small|large) )?(\w+) (\w+) (?:moving (\w+)|standing still) on a (\w+) background")
 
 
