@@ -68,3 +68,48 @@ def test_per_frame_timesteps_that_agree_equal_one_timestep_and_each_frame_gets_i
     mixed = np.array(model(x, [[700.0, 700.0, 100.0]], context=ctx))
     change = np.abs(mixed - one).reshape(frames, -1).mean(axis=1)
     assert change[2] > 0 and change[2] == change.max()
+
+
+def test_taehv_mlx_upconv_equals_upsample_then_conv_in_float64(monkeypatch):
+    """The MLX sub-pixel upconv (GPUs, and the CPU without the native build) against nearest x2 upsampling then
+    a 3x3 convolution, both written here in float64. Bug caught: a phase's folded kernel lost."""
+    from mlx_video.models import taehv
+
+    monkeypatch.setattr(native, "enabled", lambda: False)
+    rng = np.random.default_rng(5)
+    layer = taehv.Conv(3, 4)
+    layer.weight = mx.array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    layer.bias = mx.array(rng.standard_normal(4).astype(np.float32))
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    out = np.array(taehv.upconv_forward(layer, mx.array(x)))
+    up = np.repeat(np.repeat(x.astype(np.float64), 2, axis=1), 2, axis=2)
+    pad = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    w = np.array(layer.weight, np.float64)
+    ref = np.zeros((2, 10, 12, 4)) + np.array(layer.bias, np.float64)
+    for i in range(3):
+        for j in range(3):
+            ref += pad[:, i:i + 10, j:j + 12] @ w[:, i, j].T
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
+
+
+def test_taehv_errors_name_the_field_and_the_shape():
+    """Bugs caught: the config error without the field's name, the encoder's shape error without the shape."""
+    import pytest
+
+    from mlx_video.models import taehv
+
+    with pytest.raises(ValueError, match=r"depth must be >= 1, got 0"):
+        taehv.TAEHVConfig(depth=0)
+    model = taehv.TAEHV(taehv.TAEHVConfig(decoder_channels=(8, 8, 8, 8), encoder_channels=8, has_encoder=True))
+    with pytest.raises(ValueError, match=r"got \(1, 8, 8, 3\)"):
+        taehv.encode(model, mx.zeros((1, 8, 8, 3)))
+
+
+def test_taehv_planner_counts_a_lone_upsample_as_its_input_and_output():
+    """An x2 upsample that no 3x3 conv follows (so it cannot fold into an upconv) holds its input and the 4x
+    output at once; the planner says so and passes the grown size on. Bug caught: the figure dropped."""
+    from mlx_video.models import taehv
+
+    n, h, w, c = 1, 4, 6, 3
+    peak, kept, shape = taehv._ops_peak([(0, "up", taehv.Upsample(2))], n, h, w, c, keep_all=False)
+    assert (peak, kept, shape) == (n * h * w * c * (1 + 4), 0, (n, 2 * h, 2 * w, c))
