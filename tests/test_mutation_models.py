@@ -113,3 +113,73 @@ def test_taehv_planner_counts_a_lone_upsample_as_its_input_and_output():
     n, h, w, c = 1, 4, 6, 3
     peak, kept, shape = taehv._ops_peak([(0, "up", taehv.Upsample(2))], n, h, w, c, keep_all=False)
     assert (peak, kept, shape) == (n * h * w * c * (1 + 4), 0, (n, 2 * h, 2 * w, c))
+
+
+def _umt5_folder(tmp_path, rename: dict | None = None, section_extra: dict | None = None, drop: str | None = None):
+    import json
+
+    from mlx.utils import tree_flatten
+
+    from mlx_video.models import umt5
+    from mlx_video.utils import config_to_dict
+
+    cfg = umt5.UMT5Config(vocab_size=40, dim=16, dim_attn=16, dim_ffn=24, num_heads=2, num_layers=1, text_len=8)
+    weights = dict(tree_flatten(umt5.UMT5Encoder(cfg).parameters()))
+    for old, new in (rename or {}).items():
+        weights[new] = weights.pop(old)
+    weights.pop(drop, None)
+    mx.save_safetensors(str(tmp_path / "text_encoder.safetensors"), weights)
+    section = {**config_to_dict(cfg), "weights_file": "text_encoder.safetensors", "dtype": "float32",
+               **(section_extra or {})}
+    (tmp_path / "config.json").write_text(json.dumps({"format": "mlx-video/1", "text_encoder": section}))
+    return tmp_path
+
+
+def test_umt5_load_keeps_the_recorded_fingerprint_and_names_the_file_and_keys(tmp_path):
+    """Bugs caught: the fingerprint recorded at conversion ignored (the prompt cache then keyed on file stats),
+    the weights-mismatch error without the file's path, an empty part added to that error."""
+    import pytest
+
+    from mlx_video.models import umt5
+    from mlx_video.utils import ModelFolderError
+
+    for name in ("recorded", "unrecorded", "bad", "short"):
+        (tmp_path / name).mkdir()
+    recorded = _umt5_folder(tmp_path / "recorded", section_extra={"fingerprint": "sha256:recorded"})
+    assert umt5.load(recorded).fingerprint == "sha256:recorded"
+    assert umt5.load(_umt5_folder(tmp_path / "unrecorded")).fingerprint.startswith("stat:")  # the file's stats
+    bad = _umt5_folder(tmp_path / "bad", rename={"norm.weight": "final_norm.weight"})
+    with pytest.raises(ModelFolderError) as info:
+        umt5.load(bad)
+    assert str(info.value) == (f"{bad / 'text_encoder.safetensors'}: weights do not match the config "
+                               f"(missing: ['norm.weight']; unexpected: ['final_norm.weight'])")
+    short = _umt5_folder(tmp_path / "short", drop="norm.weight")
+    with pytest.raises(ModelFolderError) as info:
+        umt5.load(short)
+    assert str(info.value).endswith("weights do not match the config (missing: ['norm.weight'])")
+
+
+def test_umt5_attention_chunks_are_sized_from_the_key_length(monkeypatch):
+    """Bug caught: the chunk computed from the head width instead of the number of keys."""
+    from mlx_video.models import umt5
+
+    seen = []
+    original = umt5.attention_chunk_size
+    monkeypatch.setattr(umt5, "attention_chunk_size", lambda b, h, kv, budget: seen.append(kv) or original(b, h, kv, budget))
+    rt = umt5.default_runtime(None)
+    q = k = v = mx.zeros((1, 2, 11, 4))
+    umt5._chunked_attention(q, k, v, lambda s, e: mx.zeros((2, e - s, 11)), None, rt)
+    assert seen == [11]
+
+
+def test_umt5_peak_counts_a_resident_quantized_embedding():
+    """A resident INT4 embedding table adds its packed weights and its scales and biases (fp16) to the
+    predicted peak. Bug caught: subtracted instead."""
+    from mlx_video.models import umt5
+    from mlx_video.utils import config_to_dict
+
+    cfg = config_to_dict(umt5.UMT5Config(vocab_size=512, dim=64, dim_attn=64, dim_ffn=96, num_heads=2, num_layers=1,
+                                         text_len=8, quantization={"bits": 4, "group_size": 32, "embedding": True}))
+    lazy = umt5.text_encoder_peak_bytes(cfg, 8, lazy_embedding=True)
+    resident = umt5.text_encoder_peak_bytes(cfg, 8, lazy_embedding=False)
+    assert resident - lazy == 512 * 64 * 4 // 8 + 2 * 512 * (64 // 32) * 2
