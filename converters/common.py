@@ -20,7 +20,9 @@ import numpy as np
 from mlx_video import fsio
 from mlx_video.inputs import MAX_JSON_BYTES, InputError, check_input_path, read_json, resolve_inside
 from mlx_video.safetensors_io import read_safetensors_header as _read_header
-from mlx_video.utils import CONFIG_NAME, MLX_VIDEO_FORMAT, UserError
+from mlx_video.utils import CONFIG_NAME, MLX_VIDEO_FORMAT, UserError, save_weights, write_config_section
+
+save_safetensors = save_weights  # the converters' name for it
 
 
 class ConversionError(UserError):
@@ -381,18 +383,9 @@ def side_config(source: Path) -> dict:
 
 
 def update_config(folder: Path, previous: Path | None, section: str, value: dict) -> dict:
-    """Write ``config.json`` in ``folder``: the previous folder's config with ``section`` set to ``value``."""
-    config = {"format": MLX_VIDEO_FORMAT}
-    if previous is not None and (previous / CONFIG_NAME).exists():
-        with conversion_errors():  # sections are not validated here: converting one is how a broken one is fixed
-            config.update(read_json(previous / CONFIG_NAME, "model config"))
-    config[section] = value
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
-
-
-def save_safetensors(path: Path, weights: dict[str, mx.array], metadata: dict | None = None) -> None:
-    mx.save_safetensors(str(path), weights, metadata={"format": "mlx", **(metadata or {})})
+    """``mlx_video.utils.write_config_section`` with input errors reported as ConversionError."""
+    with conversion_errors():
+        return write_config_section(folder, previous, section, value)
 
 
 def to_numpy(a: mx.array) -> np.ndarray:

@@ -59,7 +59,7 @@ def _train_tokenizer(path: Path) -> None:
 
 
 def build_demo_model(mlx_path, seed: int = 0) -> Path:
-    from converters.common import save_safetensors, update_config
+    from .utils import save_weights, write_config_section
 
     from .fsio import atomic_model_folder
     from .tokenizer import load_tokenizer
@@ -73,8 +73,8 @@ def build_demo_model(mlx_path, seed: int = 0) -> Path:
                                  num_layers=2)
         t5 = umt5.UMT5Encoder(t5_cfg)
         t5_w = _randomize(t5, seed, {"token_embedding.weight": lambda p, k: mx.random.normal(p.shape, key=k)})
-        save_safetensors(tmp / umt5.WEIGHTS_NAME, t5_w)
-        update_config(tmp, None, "text_encoder", {
+        save_weights(tmp / umt5.WEIGHTS_NAME, t5_w)
+        write_config_section(tmp, None, "text_encoder", {
             **config_to_dict(t5_cfg), "weights_file": umt5.WEIGHTS_NAME, "dtype": "float32",
             "parameters": parameter_count(t5), "tokenizer_file": umt5.TOKENIZER_NAME,
             "tokenizer_sha256": tok.fingerprint, "tokenizer_vocab_size": tok.vocab_size,
@@ -83,8 +83,8 @@ def build_demo_model(mlx_path, seed: int = 0) -> Path:
         dit_cfg = wan_dit.WanDiTConfig(dim=128, num_layers=2, self_attn_heads=2, cross_attn_heads=2, ffn_dim=256,
                                        head_dim=64, text_dim=TEXT_DIM)
         dit = wan_dit.WanDiT(dit_cfg)
-        save_safetensors(tmp / wan_dit.WEIGHTS_NAME, _randomize(dit, seed + 1))
-        update_config(tmp, tmp, "dit", {**config_to_dict(dit_cfg), "weights_file": wan_dit.WEIGHTS_NAME,
+        save_weights(tmp / wan_dit.WEIGHTS_NAME, _randomize(dit, seed + 1))
+        write_config_section(tmp, tmp, "dit", {**config_to_dict(dit_cfg), "weights_file": wan_dit.WEIGHTS_NAME,
                                         "dtype": "float32", "parameters": parameter_count(dit),
                                         "source_layout": "demo (random weights)"})
 
@@ -97,13 +97,13 @@ def build_demo_model(mlx_path, seed: int = 0) -> Path:
             last: lambda p, k: 0.05 * mx.random.normal(p.shape, key=k) / math.sqrt(math.prod(p.shape[1:])),
             last_bias: lambda p, k: mx.full(p.shape, 0.5),
         }
-        save_safetensors(tmp / taehv.WEIGHTS_NAME, _randomize(dec, seed + 2, special))
-        update_config(tmp, tmp, "decoder", {**config_to_dict(dec_cfg), "weights_file": taehv.WEIGHTS_NAME,
+        save_weights(tmp / taehv.WEIGHTS_NAME, _randomize(dec, seed + 2, special))
+        write_config_section(tmp, tmp, "decoder", {**config_to_dict(dec_cfg), "weights_file": taehv.WEIGHTS_NAME,
                                             "dtype": "float32", "parameters": parameter_count(dec),
                                             "summary": "demo TAEHV (random weights)"})
-        update_config(tmp, tmp, "sampler", {"name": "fewstep", "denoising_step_list": [1000, 750, 500, 250],
+        write_config_section(tmp, tmp, "sampler", {"name": "fewstep", "denoising_step_list": [1000, 750, 500, 250],
                                             "shift": 5.0, "warp": True})
-        update_config(tmp, tmp, "demo", {"note": "random weights: the videos are coloured noise", "seed": seed})
+        write_config_section(tmp, tmp, "demo", {"note": "random weights: the videos are coloured noise", "seed": seed})
     return Path(mlx_path)
 
 

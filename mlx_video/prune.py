@@ -721,7 +721,7 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
                        pruned={"method": method, "report": REPORT_NAME, "source": str(folder),
                                "qk_norm": new_config.qk_norm})
 
-    from converters.common import save_safetensors
+    from .utils import save_weights
 
     from .fsio import atomic_model_folder, link_or_copy
 
@@ -732,7 +732,7 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
         for item in folder.iterdir():
             if item.name not in skip and not item.name.startswith("."):
                 link_or_copy(item, tmp / item.name)
-        save_safetensors(tmp / WEIGHTS_NAME, new, {"pruned_by": "mlx-video prune", "method": method,
+        save_weights(tmp / WEIGHTS_NAME, new, {"pruned_by": "mlx-video prune", "method": method,
                                                    "qk_norm": new_config.qk_norm})
         source_config["dit"] = dit_section
         (tmp / CONFIG_NAME).write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")

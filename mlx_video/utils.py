@@ -308,3 +308,24 @@ def free_memory() -> None:
 
     gc.collect()
     mx.clear_cache()
+
+
+def write_config_section(folder: Path, previous: Path | None, section: str, value: dict) -> dict:
+    """Write ``config.json`` in ``folder``: the previous folder's config with ``section`` set to ``value``.
+    Sections are not validated here (rewriting one is how a broken one is fixed); a previous config that
+    is not a JSON object raises ``InputError``."""
+    import json
+
+    from .inputs import read_json
+
+    config = {"format": MLX_VIDEO_FORMAT}
+    if previous is not None and (previous / CONFIG_NAME).exists():
+        config.update(read_json(previous / CONFIG_NAME, "model config"))
+    config[section] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def save_weights(path: Path, weights: dict[str, mx.array], metadata: dict | None = None) -> None:
+    """A safetensors file in MLX's layout (``format: mlx`` in its metadata, as ``mx.save_safetensors`` readers expect)."""
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx", **(metadata or {})})

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_STEPS = {"autoencoder": 900, "text": 300, "teacher": 1300, "prune": 1, "stage1": 300, "stage2": 200,
+DEFAULT_STEPS = {"autoencoder": 900, "text": 300, "teacher": 2000, "prune": 1, "stage1": 300, "stage2": 200,
                  "distill": 300}
 STAGES = ("autoencoder", "text", "teacher")
 STUDENT_STAGES = ("prune", "stage1", "stage2", "distill")  # recipe/student.py, recipe/distill.py

@@ -54,7 +54,7 @@ class Sizes:
     dit_layers: int = 4
     dit_heads: int = 4
     dit_ffn: int = 384
-    dit_batch: int = 32
+    dit_batch: int = 16  # 2.7 steps/s vs 1.3 at 32 on this machine: more updates for the same samples
     pool_clips: int = 1024
     pool_images: int = 128
     image_fraction: float = 0.1
@@ -76,7 +76,7 @@ def ensure_model_folder(out: Path) -> None:
 
 def write_component(out: Path, files: dict[str, object], section: str, value: dict, extra: dict | None = None) -> None:
     """Atomically add a component: ``files`` (name -> weights dict or bytes) and its config section."""
-    from converters.common import update_config
+    from ..utils import write_config_section
 
     with fsio.atomic_model_folder(out, replace=tuple(files)) as tmp:
         for name, data in files.items():
@@ -84,9 +84,9 @@ def write_component(out: Path, files: dict[str, object], section: str, value: di
                 (tmp / name).write_bytes(data)
             else:
                 mx.save_safetensors(str(tmp / name), data, metadata={"format": "mlx"})
-        update_config(tmp, out, section, value)
+        write_config_section(tmp, out, section, value)
         for key, val in (extra or {}).items():
-            update_config(tmp, tmp, key, val)
+            write_config_section(tmp, tmp, key, val)
 
 
 def _seed_init(seed: int, offset: int) -> None:
