@@ -211,9 +211,9 @@ def test_default_model_is_used_without_model_and_loads_offline(tmp_path):
 
 ISSUE_TARGETS = {"colour": 0.90, "motion": 0.85, "shape": 0.75}
 # What the shipped model scores on QUICK_PROMPTS x seeds 0-1 (measured when it was shipped), less a margin:
-# a regression floor. It is below ISSUE_TARGETS because the teacher it was distilled from is (see
-# mlx_video/recipe/results/student/README.md): its videos never move and its shapes are near chance.
-SHIPPED_FLOOR = {"colour": 0.25, "shape": 0.20, "motion": 0.20}  # measured 0.30, 0.25, 0.20 (chance 0.14, 0.33, 0.20)
+# a regression floor. It is below ISSUE_TARGETS on shape and motion because the teacher it was distilled from
+# is (see mlx_video/recipe/results/README.md): its colours are right, its shapes blobs, its motion chance.
+SHIPPED_FLOOR = {"colour": 0.80, "shape": 0.30, "motion": 0.15}  # measured 0.90, 0.45, 0.20 (chance 0.14, 0.33, 0.20)
 
 
 def _quick_scores() -> dict:
