@@ -74,7 +74,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
             "test_conv3x3_of_a_channel_concatenation_matches_float64", "test_conv3x3_reads_a_tile_crop_in_place",
             "test_upconv_matches_upsample_then_conv_in_float64", "test_a_stale_build_falls_back_with_a_reason",
             "test_a_missing_build_runs_the_mlx_path_and_says_so")]),
-    "pipeline": ("mlx_video/pipeline.py", ["tests/test_guards.py", "tests/test_mutation_pipeline.py"] + [
+    "pipeline": ("mlx_video/pipeline.py", ["tests/test_guards.py", "tests/test_mutation_pipeline.py",
+                                           "tests/test_wan_vae.py::test_a_causal_model_streams_its_blocks_through_the_wan_vae"] + [
         "tests/test_hostile_cli.py::" + t for t in (
             "test_memory_limit_below_the_plan_is_refused_before_any_work",
             "test_a_job_the_machine_cannot_hold_is_refused_at_the_default_limit", "test_plan_shrinks_attention_chunks_to_fit",
@@ -279,8 +280,9 @@ def run(modules: list[str], budget_s: float, rerun: bool = False, sample: int = 
                 args += _draw_sample(module, d, sample, seed, log)
             left = deadline - time.monotonic()
         if rerun:
-            # "not checked" mutants of a sampled run are outside the sample: leave them out
-            skip = CAUGHT | ({"not checked"} if sample_of(module) else set())
+            # "not checked" mutants of a sampled run are outside the sample: leave them out. Timeouts are
+            # checked again: those of mutmut's forked runner (runs before this session) include hangs.
+            skip = {"killed"} | ({"not checked"} if sample_of(module) else set())
             survivors = [n for n, s in statuses(module).items() if s not in skip]
             if not survivors:
                 print(f"{module}: no survivors to re-run", flush=True)

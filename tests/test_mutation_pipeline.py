@@ -282,3 +282,78 @@ def test_the_text_encoder_loads_in_the_requested_dtype_and_is_released(model):
     assert context.shape[0] == 1
     pipeline.encode_text(models, ["a fox"], None, keep=False)
     assert models.text_encoder is None  # not kept: released after the stage
+
+
+def test_the_text_encoder_streams_unless_it_is_kept(model, monkeypatch):
+    """Not kept resident, the encoder is loaded block by block (peak: one block). Bug caught: loaded whole."""
+    from mlx_video.models import umt5
+    from mlx_video.tokenizer import load_tokenizer
+
+    seen, original = [], umt5.load
+    monkeypatch.setattr(umt5, "load", lambda *a, **k: seen.append(k.get("stream")) or original(*a, **k))
+    models = pipeline.Models(model, "float32")
+    models.tokenizer = load_tokenizer(model)
+    pipeline.encode_text(models, ["a fox"], None, keep=False)
+    pipeline.encode_text(models, ["a fox"], None, keep=True)
+    assert seen == [True, False]
+
+
+def _causal_copy(model, tmp_path, change=None):
+    import shutil
+
+    from mlx_video.cli import main
+
+    folder = tmp_path / "causal"
+    shutil.copytree(model, folder)
+    assert main(["convert", "--sampler", "self-forcing", "--mlx-path", str(folder)]) == 0
+    if change:
+        config = json.loads((folder / "config.json").read_text())
+        change(config["sampler"])
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_causal_folder_is_run_causally_and_its_bad_settings_name_the_file(model, tmp_path):
+    """Bugs caught: the causal settings looked up under the wrong key (the model then runs bidirectionally,
+    not as it was trained), and a bad causal setting reported without the file it is in."""
+    from mlx_video.utils import ModelFolderError
+
+    req = pipeline.GenerationRequest(prompt="a fox", height=32, width=48, frames=9, seed=1, sampler={"name": "unipc"})
+    with pytest.raises(UsageError, match="block-causal"):
+        pipeline.generate(_causal_copy(model, tmp_path / "a"), req, tmp_path / "a.mp4")
+    bad = _causal_copy(model, tmp_path / "b", lambda s: s["causal"].update(frames_per_block="three"))
+    with pytest.raises(ModelFolderError, match=r"config\.json: sampler\.causal"):
+        pipeline.generate(bad, pipeline.GenerationRequest(prompt="a fox", height=32, width=48, frames=9, seed=1),
+                          tmp_path / "b.mp4")
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()
+
+
+def test_no_video_is_published_when_its_sidecar_cannot_be_written(model, tmp_path, monkeypatch):
+    """The videos and their metadata sidecar appear together or not at all. Bug caught: the decoder
+    published the MP4 itself, so a failure writing the sidecar left a video without it."""
+    from mlx_video import fsio
+
+    original = fsio.prepare_file
+
+    def failing(path, *a, **k):
+        if str(path).endswith(".json"):
+            raise OSError("disk full (simulated)")
+        return original(path, *a, **k)
+
+    monkeypatch.setattr(fsio, "prepare_file", failing)
+    out = tmp_path / "v.mp4"
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.generate(model, pipeline.GenerationRequest(prompt="a fox", height=32, width=48, frames=5, seed=1),
+                          out, extra_outputs=[str(tmp_path / "v.gif")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_plan_of_a_causal_model_counts_one_block_of_latents(model, tmp_path):
+    """A causal model holds one block of latent frames in the sampler, not the whole video. Bug caught: the
+    block size dropped from the plan (it then failed on every causal job)."""
+    folder = _causal_copy(model, tmp_path)
+    short = pipeline.plan_memory(folder, pipeline.GenerationRequest(prompt="a", height=32, width=48, frames=9, seed=1),
+                                 None, False)
+    longer = pipeline.plan_memory(folder, pipeline.GenerationRequest(prompt="a", height=32, width=48, frames=21,
+                                                                     seed=1), None, False)
+    assert 0 < short.predicted["denoise"] <= longer.predicted["denoise"]

@@ -452,3 +452,21 @@ def test_generate_with_the_wan_vae_decoder_end_to_end(small, tmp_path, capsys):
               str(tmp_path / "replay.mp4"), "--quiet", "--no-prompt-cache"]
     assert main(replay) == 0  # the sidecar records the decoder, and a replay uses it
     assert json.loads((tmp_path / "replay.mp4.json").read_text())["decoder"] == "wan-vae"
+
+
+def test_a_causal_model_streams_its_blocks_through_the_wan_vae(small, tmp_path):
+    """Block-causal generation with --decoder wan-vae decodes each block with the Wan VAE (not TAEHV): the
+    frames written equal the Wan VAE's decoding of all the latents at once."""
+    from tests.model_factory import build_model_folder
+
+    _, d, model = small
+    folder = build_model_folder(tmp_path, quantize=False)
+    assert convert_folder(d / "vae", folder) == 0
+    assert main(["convert", "--sampler", "self-forcing", "--mlx-path", str(folder)]) == 0
+    request = pipeline.GenerationRequest(prompt="a red fox", height=48, width=64, frames=9, seed=3)
+    result = pipeline.generate(folder, request, tmp_path / "c.mp4", decoder="wan-vae",
+                               extra_outputs=[str(tmp_path / "png")])
+    assert result.metadata["decoder"] == "wan-vae" and "causal" in result.metadata
+    expected = np.array(wan_vae.decode(model, result.latents))[0]
+    png = read_video(tmp_path / "png").astype(np.float32) / 255
+    assert png.shape == (9, 48, 64, 3) and np.abs(png - expected).max() <= 0.5 / 255 + 1e-6
