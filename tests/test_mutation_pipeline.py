@@ -357,3 +357,18 @@ def test_the_plan_of_a_causal_model_counts_one_block_of_latents(model, tmp_path)
     longer = pipeline.plan_memory(folder, pipeline.GenerationRequest(prompt="a", height=32, width=48, frames=21,
                                                                      seed=1), None, False)
     assert 0 < short.predicted["denoise"] <= longer.predicted["denoise"]
+
+
+def test_a_planned_decoder_tile_is_what_the_decode_figure_assumes(model):
+    """When the decoder's share of the limit needs tiles, the predicted decode peak is the tiled one. Bug
+    caught: the untiled figure reported for a tiled plan (over-predicting, so plans refused jobs that fit)."""
+    from mlx_video.models import taehv
+    from mlx_video.utils import config_from_dict, read_config
+
+    cfg = config_from_dict(taehv.TAEHVConfig, read_config(model)["decoder"])
+    request = pipeline.GenerationRequest(prompt="a", height=720, width=1280, frames=5, seed=1)
+    untiled = taehv.decoder_peak_bytes(cfg, request.latent_shape(), tile=None)
+    plan = pipeline.plan_memory(model, request, 3 * untiled, False)
+    assert plan.decoder_tile is not None
+    tiled = taehv.decoder_peak_bytes(cfg, request.latent_shape(), tile=plan.decoder_tile)
+    assert plan.predicted["decode"] == tiled < untiled

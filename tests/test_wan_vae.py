@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -454,14 +455,23 @@ def test_generate_with_the_wan_vae_decoder_end_to_end(small, tmp_path, capsys):
     assert json.loads((tmp_path / "replay.mp4.json").read_text())["decoder"] == "wan-vae"
 
 
-def test_a_causal_model_streams_its_blocks_through_the_wan_vae(small, tmp_path):
-    """Block-causal generation with --decoder wan-vae decodes each block with the Wan VAE (not TAEHV): the
-    frames written equal the Wan VAE's decoding of all the latents at once."""
+@pytest.fixture(scope="module")
+def both_decoders(small, tmp_path_factory):
+    """A tiny model folder holding TAEHV and the Wan VAE."""
     from tests.model_factory import build_model_folder
 
-    _, d, model = small
-    folder = build_model_folder(tmp_path, quantize=False)
+    _, d, _ = small
+    folder = build_model_folder(tmp_path_factory.mktemp("both"), quantize=False)
     assert convert_folder(d / "vae", folder) == 0
+    return folder
+
+
+def test_a_causal_model_streams_its_blocks_through_the_wan_vae(small, both_decoders, tmp_path):
+    """Block-causal generation with --decoder wan-vae decodes each block with the Wan VAE (not TAEHV): the
+    frames written equal the Wan VAE's decoding of all the latents at once."""
+    _, _, model = small
+    folder = tmp_path / "causal"
+    shutil.copytree(both_decoders, folder)
     assert main(["convert", "--sampler", "self-forcing", "--mlx-path", str(folder)]) == 0
     request = pipeline.GenerationRequest(prompt="a red fox", height=48, width=64, frames=9, seed=3)
     result = pipeline.generate(folder, request, tmp_path / "c.mp4", decoder="wan-vae",
@@ -470,3 +480,15 @@ def test_a_causal_model_streams_its_blocks_through_the_wan_vae(small, tmp_path):
     expected = np.array(wan_vae.decode(model, result.latents))[0]
     png = read_video(tmp_path / "png").astype(np.float32) / 255
     assert png.shape == (9, 48, 64, 3) and np.abs(png - expected).max() <= 0.5 / 255 + 1e-6
+
+
+def test_a_wan_vae_that_cannot_fit_is_refused_with_every_stage_over_the_limit(both_decoders):
+    """The refusal names the stages over the limit and why the Wan VAE cannot decode within it."""
+    from mlx_video.pipeline import MemoryPlanError
+
+    request = pipeline.GenerationRequest(prompt="a red fox", height=48, width=64, frames=9, seed=3)
+    with pytest.raises(MemoryPlanError) as info:
+        pipeline.plan_memory(both_decoders, request, 4 * 2**20, False, decoder="wan-vae")
+    message = str(info.value)
+    assert "does not fit the memory limit of 4.0 MB" in message and "decode: " in message
+    assert re.search(r"(encode|denoise) needs \d", message), message
