@@ -251,13 +251,25 @@ def sample_of(module: str) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def _generate(d: Path, log, tries: int = 3) -> None:
+    """Generate the mutants and mutmut's per-test stats (a filter that matches no mutant makes mutmut stop right
+    after both). The stats run of the video selection failed now and then under load (mutmut names no test);
+    it is tried again before giving up."""
+    stats = d / "mutants" / "mutmut-stats.json"
+    for _ in range(tries):
+        _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+        if stats.exists():
+            return
+    raise SystemExit(f"{d}: mutmut could not collect its test stats in {tries} tries (see {d / 'mutmut.log'})")
+
+
 def _draw_sample(module: str, d: Path, size: int, seed: int, log) -> list[str]:
     """Generate the mutants and the per-test stats (a filter that matches no mutant makes mutmut stop right
     after both), then draw ``size`` of them uniformly with ``random.Random(seed)`` from the sorted names,
     so that the sample is reproducible and not biased towards cheap mutants."""
     import random
 
-    _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+    _generate(d, log)
     names = sorted(_exit_codes(_meta(module)))
     chosen = sorted(random.Random(seed).sample(names, min(size, len(names))))
     _sample_file(module).write_text(json.dumps({"seed": seed, "size": len(chosen), "of": len(names),
@@ -294,11 +306,11 @@ def run(modules: list[str], budget_s: float, rerun: bool = False, sample: int = 
             _save_merged(module)
             args += survivors
             with open(d / "mutmut.log", "a") as log:  # the stats again: which of the refreshed tests reach what
-                _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+                _generate(d, log)
         names = args[3:]
         with open(d / "mutmut.log", "a") as log:
             if not names:  # a full run: generate the mutants and the stats (as the sample draw does), run all
-                _mutmut(d, "run", "--max-children", "1", "no-such-mutant", log=log)
+                _generate(d, log)
                 names = sorted(_exit_codes(_meta(module)))
         print(f"{module}: {len(names)} mutants, each in a fresh process, in {d} (budget {left:.0f} s)", flush=True)
         if not _run_fresh(module, d, names, deadline):
