@@ -578,7 +578,7 @@ def test_sigterm_while_building_a_model_folder_keeps_the_previous_one(model, tmp
     folder = tmp_path / "m"
     shutil.copytree(model, folder)
     before = snapshot(folder)
-    code, err = _signal_mid_write(["demo", "--mlx-path", folder], "converters.common", "save_safetensors",
+    code, err = _signal_mid_write(["demo", "--mlx-path", folder], "mlx_video.utils", "save_weights",
                                   signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
