@@ -86,7 +86,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                                                 "tests/test_mutation_models.py"]),
     "taehv": ("mlx_video/models/taehv.py", ["tests/test_taehv.py", "tests/test_mutation_models.py"]),
     "umt5": ("mlx_video/models/umt5.py", ["tests/test_umt5.py", "tests/test_mutation_models.py"]),
-    "wan_vae": ("mlx_video/models/wan_vae.py", ["tests/test_wan_vae.py"]),
+    "wan_vae": ("mlx_video/models/wan_vae.py", ["tests/test_wan_vae.py", "tests/test_mutation_models.py"]),
     "segmented": ("mlx_video/models/segmented.py", ["tests/test_wan_vae.py", "tests/test_taehv.py"]),
     "converters_common": ("converters/common.py", ["tests/test_convert_dit.py", "tests/test_wan_keys_independent.py",
                                                    "tests/test_hostile_inputs.py", "tests/test_mutation_common.py",

@@ -183,3 +183,21 @@ def test_umt5_peak_counts_a_resident_quantized_embedding():
     lazy = umt5.text_encoder_peak_bytes(cfg, 8, lazy_embedding=True)
     resident = umt5.text_encoder_peak_bytes(cfg, 8, lazy_embedding=False)
     assert resident - lazy == 512 * 64 * 4 // 8 + 2 * 512 * (64 // 32) * 2
+
+
+def test_wan_vae_segments_upsample_exactly_to_the_spatial_scale_and_refusals_state_the_budget():
+    """Decoder segments end in a x2 upsample or none (x1), together the VAE's spatial scale; a decode that fits
+    no tiling is refused with its budget in MiB. Bugs caught: a segment without an upsample counted x2, the
+    budget printed in the wrong unit."""
+    import math
+
+    import pytest
+
+    from mlx_video.models import wan_vae
+    from tests.test_wan_vae import reduced_config
+
+    config = reduced_config(has_encoder=False)
+    segs = wan_vae.decoder_segments(wan_vae.WanVAE(config))
+    assert {s.scale for s in segs} <= {1, 2} and math.prod(s.scale for s in segs) == config.space_scale
+    with pytest.raises(MemoryError, match=r"does not fit 3 MiB: whole frames need \d+ MiB"):
+        wan_vae.choose_tile(config, (1, 3, 64, 64, config.z_dim), 3 * 2**20)
