@@ -45,7 +45,8 @@ EQUIVALENT = ROOT / "benchmarks" / "mutation_equivalent.json"
 # mutant costs a few seconds; mutmut narrows further to the tests that reach the mutated function.
 G = "tests/test_guards.py::"
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "sampling": ("mlx_video/sampling.py", ["tests/test_sampling.py", G + "test_negative_prompt_is_the_unconditional_branch",
+    "sampling": ("mlx_video/sampling.py", ["tests/test_sampling.py", "tests/test_mutation_sampling.py",
+                                           G + "test_negative_prompt_is_the_unconditional_branch",
                                            G + "test_sampler_timesteps_defaults_and_overrides",
                                            G + "test_renoise_list_length_is_checked_and_numpy_draws_work",
                                            G + "test_seeded_renoise_draws_are_full_size_standard_normal",
