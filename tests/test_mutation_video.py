@@ -193,3 +193,31 @@ def test_gif_fps_is_unknown_without_a_frame_duration(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(path)  # no duration stored
     info = video.video_info(path)
     assert info.frames == 1 and np.isnan(info.fps)
+
+
+def test_png_targets_create_missing_parents_on_request_and_refusals_name_the_kind(tmp_path):
+    """Missing parents of a PNG-frames target are refused unless the caller will create them. Bugs caught:
+    the flag not passed on (refused even when asked), and the refusal naming the wrong kind of target."""
+    target = tmp_path / "a" / "b" / "frames"
+    with pytest.raises(fsio.OutputRefused):
+        video.check_output(target, "png")
+    video.check_output(target, "png", create_parents=True)  # allowed: the writer makes them
+    assert not (tmp_path / "a").exists()
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("x")
+    with pytest.raises(fsio.OutputRefused, match="mlx-video replaces only PNG-frames folders it wrote"):
+        video.check_output(precious, "png")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(fsio.OutputRefused, match="is a file, not a PNG-frames folder; choose another path"):
+        video.check_output(tmp_path / "file", "png")
+
+
+def test_gifs_loop_forever(tmp_path):
+    """Bug caught: the GIF played once (loop=1) instead of looping (loop=0)."""
+    from PIL import Image
+
+    path = tmp_path / "v.gif"
+    write_video(path, np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32), fps=8)
+    with Image.open(path) as im:
+        assert im.info.get("loop") == 0
