@@ -106,3 +106,12 @@ def test_torch_out_safetensors_records_the_qk_norm_it_was_pruned_with(small, tmp
     assert meta["format"] == "pt" and meta["qk_norm"] == "masked"
     assert meta["qk_norm_width"] == str(config.dim) and meta["head_dim"] == str(config.head_dim)
     assert tensors["blocks.0.self_attn.q.weight"].shape == (3 * config.head_dim, config.dim)
+
+
+def test_an_unknown_saliency_method_lists_the_known_ones():
+    """Bug caught: the refusal without the list of methods."""
+    from mlx_video import prune
+    from mlx_video.models.wan_dit import WanDiTConfig
+
+    with pytest.raises(ValueError, match=r"unknown method 'fisher'; choose one of taylor, magnitude, random"):
+        prune.score_layers(WanDiTConfig(num_layers=1), {}, "fisher")
