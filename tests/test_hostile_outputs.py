@@ -521,10 +521,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _default_termination_signals():
+    # Ignored signals stay ignored across exec, and mlx-video leaves an ignored SIGHUP alone (it respects
+    # `nohup`). So a suite started under nohup would hand the child an ignored SIGHUP: start it with the
+    # defaults, as a user's shell does.
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _signal_mid_write(argv, module, name, signo):
     script = SLOW_SCRIPT.format(module=module, name=name)
     p = subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=_default_termination_signals)
     try:
         ready, _, _ = select.select([p.stdout], [], [], SUBPROCESS_TIMEOUT)
         assert ready and p.stdout.readline().strip() == "WRITING", p.stderr.read() if not ready else ""
