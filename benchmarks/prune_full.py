@@ -205,7 +205,8 @@ def ablation_table(runs: list[dict]) -> str:
 
 def build_folder(folder: Path, layers: int, seed: int = 0) -> dict:
     """A Wan2.1-1.3B-shaped model folder (random fp32 weights; only the layer count may be reduced)."""
-    from converters.common import save_safetensors, update_config
+    from converters.common import update_config
+    from mlx_video.utils import save_weights
 
     cfg = WanDiTConfig(num_layers=layers)
     mx.random.seed(seed)
@@ -213,7 +214,7 @@ def build_folder(folder: Path, layers: int, seed: int = 0) -> dict:
     mx.eval(model.parameters())
     weights = dict(tree_flatten(model.parameters()))
     folder.mkdir(parents=True)
-    save_safetensors(folder / WEIGHTS_NAME, weights)
+    save_weights(folder / WEIGHTS_NAME, weights)
     section = {**config_to_dict(cfg), "weights_file": WEIGHTS_NAME, "dtype": "float32",
                "parameters": parameter_count(model)}
     update_config(folder, None, "dit", section)

@@ -6,7 +6,6 @@ Every converter is: ``open_checkpoint`` -> ``apply_key_map`` (regex rules + smal
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -20,9 +19,7 @@ import numpy as np
 from mlx_video import fsio
 from mlx_video.inputs import MAX_JSON_BYTES, InputError, check_input_path, read_json, resolve_inside
 from mlx_video.safetensors_io import read_safetensors_header as _read_header
-from mlx_video.utils import CONFIG_NAME, MLX_VIDEO_FORMAT, UserError, save_weights, write_config_section
-
-save_safetensors = save_weights  # the converters' name for it
+from mlx_video.utils import UserError, write_config_section
 
 
 class ConversionError(UserError):

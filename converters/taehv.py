@@ -15,10 +15,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_video.models.taehv import WEIGHTS_NAME, TAEHV, TAEHVConfig
-from mlx_video.utils import cast_floating, config_to_dict, dtype_name, parameter_count
+from mlx_video.utils import cast_floating, config_to_dict, dtype_name, parameter_count, save_weights
 
 from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, finite_floating, open_checkpoint,
-                     parameter_shapes, save_safetensors, strip_common_prefix)
+                     parameter_shapes, strip_common_prefix)
 
 
 def conv_to_channels_last(w: mx.array) -> mx.array:
@@ -111,7 +111,7 @@ def convert_decoder(source, out_dir: Path, dtype: mx.Dtype = mx.float16) -> dict
         weights[target] = transform(w) if transform else w
     weights = cast_floating(weights, dtype)
     finite_floating(weights, source, f" (after casting to {dtype_name(dtype)})")
-    save_safetensors(out_dir / WEIGHTS_NAME, weights, {"source": source.name})
+    save_weights(out_dir / WEIGHTS_NAME, weights, {"source": source.name})
     n_dec = sum(v.size for k, v in weights.items() if k.startswith("decoder."))
     section = config_to_dict(config)
     section.update(weights_file=WEIGHTS_NAME, dtype=dtype_name(dtype), parameters=parameter_count(model),

@@ -16,10 +16,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_video.models.wan_dit import FP32_PARAMETERS, WEIGHTS_NAME, WanDiT, WanDiTConfig
-from mlx_video.utils import UsageError, cast_floating, config_from_dict, config_to_dict, dtype_name, parameter_count
+from mlx_video.utils import (UsageError, cast_floating, config_from_dict, config_to_dict, dtype_name, parameter_count,
+                             save_weights)
 
 from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, finite_floating, open_checkpoint,
-                     parameter_shapes, save_safetensors, side_config, side_config_path, strip_common_prefix)
+                     parameter_shapes, side_config, side_config_path, strip_common_prefix)
 
 
 def conv3d_to_patch_linear(w: mx.array) -> mx.array:
@@ -283,7 +284,7 @@ def convert_dit(source, out_dir: Path, dtype: mx.Dtype = mx.float32, head_dim: i
         weights.update(merged_weights(weights, specs, out_dtype=mx.float32))
     weights = cast_floating(weights, dtype, keep_fp32=FP32_PARAMETERS)
     finite_floating(weights, source, f" (after casting to {dtype_name(dtype)})")
-    save_safetensors(out_dir / WEIGHTS_NAME, weights, {"source_layout": layout})
+    save_weights(out_dir / WEIGHTS_NAME, weights, {"source_layout": layout})
     section = config_to_dict(config)
     section.update(weights_file=WEIGHTS_NAME, dtype=dtype_name(dtype), source_layout=layout,
                    parameters=parameter_count(model),

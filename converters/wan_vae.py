@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_video.models.wan_vae import WEIGHTS_NAME, WanVAE, WanVAEConfig
-from mlx_video.utils import cast_floating, config_from_dict, config_to_dict, dtype_name, parameter_count
+from mlx_video.utils import cast_floating, config_from_dict, config_to_dict, dtype_name, parameter_count, save_weights
 
 from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_strict, open_checkpoint, parameter_shapes,
-                     save_safetensors, side_config, strip_common_prefix)
+                     side_config, strip_common_prefix)
 
 PREFIXES = ("vae.", "model.", "module.", "first_stage_model.")
 
@@ -166,7 +166,7 @@ def convert_vae(source, out_dir: Path, dtype: mx.Dtype = mx.float32) -> dict:
     bad = [k for k, v in weights.items() if not bool(mx.all(mx.isfinite(v)).item())]
     if bad:
         raise ConversionError(f"{source}: non-finite values in {bad[:5]} (after casting to {dtype_name(dtype)})")
-    save_safetensors(out_dir / WEIGHTS_NAME, weights, {"source": source.name})
+    save_weights(out_dir / WEIGHTS_NAME, weights, {"source": source.name})
     n_dec = sum(v.size for k, v in weights.items() if k.startswith(("decoder.", "post_quant_conv.")))
     section = config_to_dict(config)
     section.update(weights_file=WEIGHTS_NAME, dtype=dtype_name(dtype), parameters=parameter_count(model),

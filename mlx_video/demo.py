@@ -84,9 +84,9 @@ def build_demo_model(mlx_path, seed: int = 0) -> Path:
                                        head_dim=64, text_dim=TEXT_DIM)
         dit = wan_dit.WanDiT(dit_cfg)
         save_weights(tmp / wan_dit.WEIGHTS_NAME, _randomize(dit, seed + 1))
-        write_config_section(tmp, tmp, "dit", {**config_to_dict(dit_cfg), "weights_file": wan_dit.WEIGHTS_NAME,
-                                        "dtype": "float32", "parameters": parameter_count(dit),
-                                        "source_layout": "demo (random weights)"})
+        write_config_section(tmp, tmp, "dit", {
+            **config_to_dict(dit_cfg), "weights_file": wan_dit.WEIGHTS_NAME, "dtype": "float32",
+            "parameters": parameter_count(dit), "source_layout": "demo (random weights)"})
 
         dec_cfg = taehv.TAEHVConfig(decoder_channels=[32, 16, 8, 8], depth=1, has_encoder=False)
         dec = taehv.TAEHV(dec_cfg)
@@ -98,11 +98,11 @@ def build_demo_model(mlx_path, seed: int = 0) -> Path:
             last_bias: lambda p, k: mx.full(p.shape, 0.5),
         }
         save_weights(tmp / taehv.WEIGHTS_NAME, _randomize(dec, seed + 2, special))
-        write_config_section(tmp, tmp, "decoder", {**config_to_dict(dec_cfg), "weights_file": taehv.WEIGHTS_NAME,
-                                            "dtype": "float32", "parameters": parameter_count(dec),
-                                            "summary": "demo TAEHV (random weights)"})
+        write_config_section(tmp, tmp, "decoder", {
+            **config_to_dict(dec_cfg), "weights_file": taehv.WEIGHTS_NAME, "dtype": "float32",
+            "parameters": parameter_count(dec), "summary": "demo TAEHV (random weights)"})
         write_config_section(tmp, tmp, "sampler", {"name": "fewstep", "denoising_step_list": [1000, 750, 500, 250],
-                                            "shift": 5.0, "warp": True})
+                                                   "shift": 5.0, "warp": True})
         write_config_section(tmp, tmp, "demo", {"note": "random weights: the videos are coloured noise", "seed": seed})
     return Path(mlx_path)
 

@@ -733,7 +733,7 @@ def prune(model, mlx_path, heads: int | None = None, cross_heads: int | None = N
             if item.name not in skip and not item.name.startswith("."):
                 link_or_copy(item, tmp / item.name)
         save_weights(tmp / WEIGHTS_NAME, new, {"pruned_by": "mlx-video prune", "method": method,
-                                                   "qk_norm": new_config.qk_norm})
+                                               "qk_norm": new_config.qk_norm})
         source_config["dit"] = dit_section
         (tmp / CONFIG_NAME).write_text(json.dumps(source_config, indent=2, sort_keys=True) + "\n")
         if torch_out is not None:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from converters import common
 from converters.common import ConversionError, Rule, apply_key_map, check_strict, open_checkpoint
-from mlx_video.utils import MLX_VIDEO_FORMAT
+from mlx_video.utils import MLX_VIDEO_FORMAT, save_weights
 
 
 def _tensors(n: int = 3, prefix: str = "") -> dict:
@@ -151,7 +151,7 @@ def test_side_and_model_configs(tmp_path):
 
 
 def test_saved_weights_carry_the_mlx_format_and_bf16_reads_as_float32(tmp_path):
-    common.save_safetensors(tmp_path / "w.safetensors", {"w": mx.ones(2)}, {"note": "x"})
+    save_weights(tmp_path / "w.safetensors", {"w": mx.ones(2)}, {"note": "x"})
     _, meta = mx.load(str(tmp_path / "w.safetensors"), return_metadata=True)
     assert meta == {"format": "mlx", "note": "x"}
     b = common.to_numpy(mx.array([1.5, -2.0]).astype(mx.bfloat16))

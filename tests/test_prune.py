@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from converters.common import save_safetensors, update_config
+from converters.common import update_config
+from mlx_video.utils import save_weights
 from mlx_video import prune as P
 from mlx_video.cli import main
 from mlx_video.models import wan_dit
@@ -37,7 +38,7 @@ def random_weights(config: WanDiTConfig, seed: int = 0, std: float = 0.2) -> dic
 
 def write_folder(path, weights: dict, config: WanDiTConfig, extra: dict | None = None):
     path.mkdir(parents=True)
-    save_safetensors(path / WEIGHTS_NAME, weights)
+    save_weights(path / WEIGHTS_NAME, weights)
     model = WanDiT(config)
     section = {**config_to_dict(config), "weights_file": WEIGHTS_NAME, "dtype": "float32",
                "parameters": parameter_count(model)}
@@ -376,7 +377,7 @@ def test_calibration_with_the_real_text_encoder_of_the_folder(small, tmp_path):
                                 num_layers=1)
     encoder = umt5.UMT5Encoder(te_config)
     mx.eval(encoder.parameters())
-    save_safetensors(folder / "text_encoder.safetensors", dict(tree_flatten(encoder.parameters())))
+    save_weights(folder / "text_encoder.safetensors", dict(tree_flatten(encoder.parameters())))
     update_config(folder, folder, "text_encoder", {**config_to_dict(te_config), "weights_file": "text_encoder.safetensors",
                                                    "tokenizer_file": "spiece.model", "dtype": "float32"})
     prompts = tmp_path / "prompts.txt"

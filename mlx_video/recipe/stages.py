@@ -76,14 +76,14 @@ def ensure_model_folder(out: Path) -> None:
 
 def write_component(out: Path, files: dict[str, object], section: str, value: dict, extra: dict | None = None) -> None:
     """Atomically add a component: ``files`` (name -> weights dict or bytes) and its config section."""
-    from ..utils import write_config_section
+    from ..utils import save_weights, write_config_section
 
     with fsio.atomic_model_folder(out, replace=tuple(files)) as tmp:
         for name, data in files.items():
             if isinstance(data, bytes):
                 (tmp / name).write_bytes(data)
             else:
-                mx.save_safetensors(str(tmp / name), data, metadata={"format": "mlx"})
+                save_weights(tmp / name, data)
         write_config_section(tmp, out, section, value)
         for key, val in (extra or {}).items():
             write_config_section(tmp, tmp, key, val)
