@@ -209,8 +209,7 @@ def planted() -> list[dict]:
     for name in COPY:
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, d / name, **(
             {"ignore": ignore} if (ROOT / name).is_dir() else {}))
-    env = dict(os.environ, PYTHONPATH=str(d), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               MLX_VIDEO_TEST_MODEL=str(_model_cache()))
+    env = _test_env(d, d)
     results = []
     for what, file, old, new, tests in PLANTED:
         path = d / file
@@ -231,15 +230,19 @@ def planted() -> list[dict]:
     return results
 
 
-def _mutmut(d: Path, *args: str, timeout: float | None = None, log=None) -> subprocess.CompletedProcess:
-    # One thread per library: mutants are forked from a server that imported torch/MKL/MLX, and OpenMP
-    # pools do not survive a fork (a forked child waiting on them hangs until its timeout).
-    env = dict(os.environ, PYTHONPATH=str(d), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1")
+def _test_env(d: Path, path: Path) -> dict:
+    """The tests' environment in module folder ``d``: ``path`` importable, one thread per library (a forked
+    child waiting on an OpenMP pool hangs), and the shared model folder unless the module builds it."""
+    env = dict(os.environ, PYTHONPATH=str(path), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     if d.name not in BUILDS_MODEL:
         env["MLX_VIDEO_TEST_MODEL"] = str(_model_cache())
-    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=d, env=env, timeout=timeout, text=True,
-                          stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT)
+    return env
+
+
+def _mutmut(d: Path, *args: str, timeout: float | None = None, log=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=d, env=_test_env(d, d), timeout=timeout,
+                          text=True, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _sample_file(module: str) -> Path:
@@ -332,10 +335,7 @@ def _run_fresh(module: str, d: Path, names: list[str], deadline: float) -> bool:
     so those hangs inflated the score. Wall limit: 10 x (the tests' clean time + 20 s)."""
     stats = json.loads((d / "mutants" / "mutmut-stats.json").read_text())
     tests_of, durations = stats["tests_by_mangled_function_name"], stats["duration_by_test"]
-    env = dict(os.environ, PYTHONPATH=str(d / "mutants"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    if d.name not in BUILDS_MODEL:
-        env["MLX_VIDEO_TEST_MODEL"] = str(_model_cache())
+    env = _test_env(d, d / "mutants")
     meta = _meta(module)
     data = json.loads(meta.read_text())
     for k, name in enumerate(names):
