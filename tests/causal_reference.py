@@ -291,14 +291,10 @@ def causal_loop(model, noise: np.ndarray, context: np.ndarray, step_list, shift:
 # Rolling Forcing ([RF] TencentARC/RollingForcing a1477d0, checkpoints.md §3.2)
 # --------------------------------------------------------------------------------------------------
 
-class RollingCachedSelfAttention:
+class RollingCachedSelfAttention(CachedSelfAttention):
     """[RF] ``CausalWanSelfAttention`` kv branch, one layer: only the forward's first block is cached (slot end
-    ``current_start + block``), block 0 stored un-roped and kept as a one-block sink on eviction."""
-
-    def __init__(self, state: dict):
-        self.state = state
-        self.k = self.v = None
-        self.global_end = self.local_end = 0
+    ``current_start + block``), block 0 stored un-roped and kept as a one-block sink on eviction. Same cache
+    state as the Self-Forcing layer; its own ``__call__``."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         st = self.state

@@ -15,25 +15,20 @@ import pytest
 from mlx_video import cli, sampling
 from mlx_video.models import wan_dit
 from mlx_video.recipe import distill, nets, stages, student, train
+from tests.recipe_smoke import run_recipe, train_stages
 
 TEACHER_STEPS = {"autoencoder": 4, "text": 4, "teacher": 12}
 STUDENT_STEPS = {"stage1": 10, "stage2": 8, "distill": 4}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _recipe(*args) -> int:
-    return cli.main(["recipe", *args, "--size", "smoke", "--quiet"])
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """A smoke teacher, then prune -> stage1 -> stage2 -> distill through the CLI (about 20 s)."""
     out = tmp_path_factory.mktemp("lightning") / "recipe"
-    for stage, steps in TEACHER_STEPS.items():
-        assert _recipe(stage, "--out", str(out), "--steps", str(steps), "--checkpoint-every", "4") == 0
-    assert _recipe("prune", "--out", str(out)) == 0
-    for stage, steps in STUDENT_STEPS.items():
-        assert _recipe(stage, "--out", str(out), "--steps", str(steps), "--checkpoint-every", "4") == 0
+    train_stages(out, TEACHER_STEPS)
+    assert run_recipe("prune", "--out", str(out)) == 0
+    train_stages(out, STUDENT_STEPS)
     return out
 
 
@@ -163,14 +158,14 @@ def test_distill_resume_equals_an_uninterrupted_run(recipe, tmp_path):
 
 def test_student_usage_errors_exit_2_and_leave_nothing(tmp_path, recipe, capsys):
     out = tmp_path / "r"
-    assert _recipe("prune", "--out", str(out)) == 2
+    assert run_recipe("prune", "--out", str(out)) == 2
     assert "need a trained teacher" in capsys.readouterr().err
-    assert _recipe("stage1", "--out", str(out), "--teacher", str(recipe), "--steps", "2") == 2
+    assert run_recipe("stage1", "--out", str(out), "--teacher", str(recipe), "--steps", "2") == 2
     assert "run `mlx-video recipe prune` first" in capsys.readouterr().err
-    assert _recipe("distill", "--out", str(out), "--teacher", str(recipe), "--steps", "2") == 2
+    assert run_recipe("distill", "--out", str(out), "--teacher", str(recipe), "--steps", "2") == 2
     assert "holds no trained student" in capsys.readouterr().err
     assert not out.exists()
-    assert _recipe("prune", "--out", str(recipe)) == 2  # would replace the student
+    assert run_recipe("prune", "--out", str(recipe)) == 2  # would replace the student
     assert "already holds a student" in capsys.readouterr().err
 
 

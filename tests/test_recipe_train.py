@@ -11,19 +11,15 @@ import pytest
 from mlx_video import cli
 from mlx_video.models import taehv
 from mlx_video.recipe import nets, stages
+from tests.recipe_smoke import run_recipe, train_stages
 
 SMOKE_STEPS = {"autoencoder": 8, "text": 8, "teacher": 12}
-
-
-def _recipe(*args) -> int:
-    return cli.main(["recipe", *args, "--size", "smoke", "--quiet"])
 
 
 @pytest.fixture(scope="module")
 def smoke_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "model"
-    for stage, steps in SMOKE_STEPS.items():
-        assert _recipe(stage, "--out", str(out), "--steps", str(steps), "--checkpoint-every", "4") == 0
+    train_stages(out, SMOKE_STEPS)
     return out
 
 
@@ -101,18 +97,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_usage_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     out = tmp_path / "m"
-    assert _recipe("text", "--out", str(out), "--steps", "0") == 2
+    assert run_recipe("text", "--out", str(out), "--steps", "0") == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
-    assert _recipe("text", "--out", str(out), "--resume") == 2
+    assert run_recipe("text", "--out", str(out), "--resume") == 2
     assert "has no text checkpoint" in capsys.readouterr().err
     assert not out.exists()
-    assert _recipe("teacher", "--out", str(out), "--steps", "2") == 2
+    assert run_recipe("teacher", "--out", str(out), "--steps", "2") == 2
     assert "run `mlx-video recipe autoencoder" in capsys.readouterr().err
     assert not out.exists()
-    assert _recipe("text", "--out", str(out), "--steps", "2") == 0
-    assert _recipe("text", "--out", str(out), "--steps", "2") == 2  # would overwrite a run
+    assert run_recipe("text", "--out", str(out), "--steps", "2") == 0
+    assert run_recipe("text", "--out", str(out), "--steps", "2") == 2  # would overwrite a run
     assert "pass --resume" in capsys.readouterr().err
-    assert _recipe("text", "--out", str(out), "--steps", "3", "--resume") == 2  # different settings
+    assert run_recipe("text", "--out", str(out), "--steps", "3", "--resume") == 2  # different settings
     assert "other settings" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli.main(["recipe", "nonsense", "--out", str(out)])
