@@ -198,3 +198,46 @@ def test_a_corrupt_pickle_is_named_with_torch_s_reason_without_its_boilerplate(t
     assert detail.split(":")[0] in ("UnpicklingError", "RuntimeError", "EOFError", "ValueError") and len(detail) > 30
     err = common._pickle_error(path, RuntimeError("Weights only load failed\nPlease file an issue"))
     assert str(err).endswith("(RuntimeError: RuntimeError)")  # nothing but boilerplate: the type names it
+
+
+def test_a_preset_s_preferred_entries_come_first_and_a_plain_generator_is_a_wrapper(tmp_path):
+    """A tuple ``select`` (a preset's preferred entries, e.g. CausVid's plain ``generator``) is tried before the
+    default order; ``generator`` alone (next to a critic) is unwrapped like ``generator_ema``."""
+    both = tmp_path / "both.pt"
+    torch.save({"generator": {"w": torch.zeros(2)}, "generator_ema": {"w": torch.ones(2)}}, both)
+    np.testing.assert_array_equal(np.array(open_checkpoint(both, select=("generator",))["w"]), [0, 0])
+    np.testing.assert_array_equal(np.array(open_checkpoint(both, select=("absent",))["w"]), [1, 1])
+    plain = tmp_path / "causvid.pt"
+    torch.save({"generator": {"w": torch.full((2,), 2.0)}, "critic": {"w": torch.zeros(2)}, "step": 7}, plain)
+    ckpt = open_checkpoint(plain)
+    assert sorted(ckpt) == ["w"]
+    np.testing.assert_array_equal(np.array(ckpt["w"]), [2, 2])
+
+
+def test_every_line_of_a_corrupt_pickle_s_reason_is_kept_apart(tmp_path):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"not a pickle")
+    err = common._pickle_error(path, RuntimeError("Weights only load failed\ninvalid load key, 'n'.\n\ntruncated"))
+    assert str(err).endswith("(RuntimeError: invalid load key, 'n'. truncated)")
+
+
+def _ops(*parts: bytes) -> bytes:
+    return b"\x80\x04" + b"".join(parts) + b"."
+
+
+def _short_unicode(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+def test_payload_globals_of_any_case_and_through_long_memo_slots_are_named(tmp_path):
+    """A hand-made pickle can store the module and function names under 4-byte memo slots (LONG_BINPUT,
+    fetched with LONG_BINGET in the other order than they were pushed), and a module may start upper-case:
+    both are still named exactly."""
+    hidden = tmp_path / "hidden.pkl"
+    hidden.write_bytes(_ops(_short_unicode("system"), b"r" + (300).to_bytes(4, "little"), b"0",  # POP
+                            _short_unicode("os"), b"r" + (301).to_bytes(4, "little"), b"0",
+                            b"j" + (301).to_bytes(4, "little"), b"j" + (300).to_bytes(4, "little"), b"\x93"))
+    assert common.pickle_code_references(hidden) == ["os.system"]
+    upper = tmp_path / "upper.pkl"
+    upper.write_bytes(_ops(b"cEvil\nrun\n"))
+    assert common.pickle_code_references(upper) == ["Evil.run"]

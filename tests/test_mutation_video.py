@@ -221,3 +221,28 @@ def test_gifs_loop_forever(tmp_path):
     write_video(path, np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32), fps=8)
     with Image.open(path) as im:
         assert im.info.get("loop") == 0
+
+
+@pytest.mark.parametrize("fmt,damage,says", [
+    ("mp4", b"", "the encoder produced an empty file"),
+    ("mp4", b"not a video at all", "the encoder produced a file with no valid header"),
+    ("gif", b"", "the encoder produced an empty file"),
+    ("gif", b"GIF? no", "the encoder produced a file with no valid header"),
+])
+def test_an_empty_or_headerless_encoder_output_is_refused_and_removed(tmp_path, monkeypatch, fmt, damage, says):
+    """The finished temporary is checked before it is published: an encoder that exits cleanly but leaves an
+    empty or garbled file is an output error naming which, and neither the temporary nor the target remain."""
+    target = tmp_path / f"v.{fmt}"
+    w = VideoWriter(target)
+    w.write(np.random.default_rng(0).random((2, 8, 8, 3), np.float32))  # healthy frames: the file is at fault
+    encode = VideoWriter._finish_encoding
+
+    def encode_then_damage(self):
+        encode(self)
+        self._tmp.write_bytes(damage)
+
+    monkeypatch.setattr(VideoWriter, "_finish_encoding", encode_then_damage)
+    with pytest.raises(fsio.OutputError) as info:
+        w.close()
+    assert str(info.value) == f"cannot write {target}: {says}"
+    assert list(tmp_path.iterdir()) == []

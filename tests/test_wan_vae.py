@@ -227,25 +227,47 @@ def test_peak_memory_does_not_grow_with_length_and_is_predicted():
 def test_tiles_cut_the_measured_peak_within_the_prediction():
     """Measured (``mx.get_peak_memory`` after ``reset_peak_memory``) against predicted, whole frames and both
     tilings, on a 36 x 36 latent: exact tiles and blended tiles both lower the peak, and each prediction
-    covers its measurement (predicted / measured: see the assertion message)."""
+    covers its measurement (predicted / measured: see the assertion message). A 10-latent clip too, where
+    the blended tiles' video buffers (they grow with length) dominate: 1.07 measured, so a tile term of the
+    formula that is wrong or missing shows as an under-prediction."""
     config = reduced_config(has_encoder=False)
     model = wan_vae.WanVAE(config)
     mx.eval(model.parameters())
-    lat = mx.array(latents(2, 36, 36, seed=9))  # two: the steady state of the caches (one frame holds less)
-    mx.eval(lat)
     measured, predicted, videos = {}, {}, {}
-    for tile in (None, 144, (192, 192, 144, 144)):
+    for t, tile in ((2, None), (2, 144), (2, (192, 192, 144, 144)), (10, (128, 128, 96, 96))):
+        lat = mx.array(latents(t, 36, 36, seed=9))  # >= 2: the steady state of the caches
+        mx.eval(lat)
         mx.clear_cache()
         mx.reset_peak_memory()
         frames = [f for f in wan_vae.decode_stream(model, lat, tile=tile) if mx.eval(f) is None]
-        measured[tile] = mx.get_peak_memory()
-        predicted[tile] = wan_vae.decoder_peak_bytes(config, lat.shape, tile)
-        videos[tile] = np.stack([np.array(f) for f in frames], 1)
-    margins = {t: round(predicted[t] / measured[t], 3) for t in measured}
-    assert all(1 <= m <= 1.6 for m in margins.values()), margins  # measured 1.40 / 1.35 / 1.56
-    assert measured[144] < 0.85 * measured[None] and predicted[144] < 0.85 * predicted[None], (measured, predicted)
-    assert measured[(192, 192, 144, 144)] < measured[144]
-    assert np.abs(videos[144] - videos[None]).max() <= 1e-5
+        measured[t, tile] = mx.get_peak_memory()
+        predicted[t, tile] = wan_vae.decoder_peak_bytes(config, lat.shape, tile)
+        videos[t, tile] = np.stack([np.array(f) for f in frames], 1)
+        del frames, lat  # not alive during the next measurement
+    margins = {k: round(predicted[k] / measured[k], 3) for k in measured}
+    # measured 1.40 / 1.52 / 1.85 at two latents (the fixed 6 MB slack weighs on a 25 MB peak), 1.07 at ten
+    assert all(1 <= m <= 2.0 for m in margins.values()), margins
+    assert margins[10, (128, 128, 96, 96)] <= 1.3, margins
+    assert measured[2, 144] < 0.85 * measured[2, None] and predicted[2, 144] < 0.85 * predicted[2, None]
+    assert measured[2, (192, 192, 144, 144)] < measured[2, 144]
+    assert np.abs(videos[2, 144] - videos[2, None]).max() <= 1e-5
+
+
+def test_blended_tiles_stop_at_the_smallest_tile_the_plan_allows():
+    """A budget that only a tile below ``MIN_TILE_LATENTS`` would fit is refused, not planned with a smaller
+    tile (more seams than the plan allows)."""
+    config, shape = reduced_config(has_encoder=False), (1, 2, 36, 36, 16)
+    s, smallest = config.space_scale, wan_vae.MIN_TILE_LATENTS
+
+    def blended(edge):
+        return (edge * s, edge * s, (edge - edge // 4) * s, (edge - edge // 4) * s)
+
+    floor = wan_vae.decoder_peak_bytes(config, shape, blended(smallest))
+    below = wan_vae.decoder_peak_bytes(config, shape, blended(smallest - 1))
+    assert below < floor
+    assert wan_vae.choose_tile(config, shape, floor) == blended(smallest)
+    with pytest.raises(MemoryError, match="blended tiles"):
+        wan_vae.choose_tile(config, shape, (below + floor) // 2)
 
 
 def test_generate_with_a_tight_memory_limit_decodes_in_exact_tiles(tmp_path, monkeypatch):

@@ -758,9 +758,10 @@ def _decode_exact(model: WanVAE, latents: mx.array, spec: Tiling, attention_budg
 
 
 def _blend(prev: mx.array, cur: mx.array, extent: int, axis: int) -> mx.array:
-    """diffusers' ``blend_v`` (axis 2) / ``blend_h`` (axis 3) on ``[B, F, H, W, C]``: the first ``e`` rows of
-    ``cur`` become ``prev[-e + y] * (1 - y/e) + cur[y] * (y/e)``; ``prev`` holds at least the last ``e`` rows
-    of the neighbouring tile (``e = min(extent, both lengths)``)."""
+    """diffusers' ``blend_v`` (axis 2) / ``blend_h`` (axis 3) on ``[B, F, H, W, C]``, in place: the first ``e``
+    rows of ``cur`` become ``prev[-e + y] * (1 - y/e) + cur[y] * (y/e)``; ``prev`` holds at least the last ``e``
+    rows of the neighbouring tile (``e = min(extent, both lengths)``). Only those rows are computed and written
+    back, so blending a tile costs its strip, not two copies of the tile."""
     import numpy as np
 
     e = min(extent, prev.shape[axis], cur.shape[axis])
@@ -772,8 +773,10 @@ def _blend(prev: mx.array, cur: mx.array, extent: int, axis: int) -> mx.array:
     keep = mx.array((1 - ramp).astype(np.float32)).reshape(shape)
     take = mx.array(ramp.astype(np.float32)).reshape(shape)
     n = prev.shape[axis]
-    head = mx.take(prev, mx.arange(n - e, n), axis=axis) * keep + mx.take(cur, mx.arange(e), axis=axis) * take
-    return mx.concatenate([head, mx.take(cur, mx.arange(e, cur.shape[axis]), axis=axis)], axis=axis)
+    head = (slice(None),) * axis + (slice(0, e),)
+    cur[head] = mx.take(prev, mx.arange(n - e, n), axis=axis) * keep + cur[head] * take
+    mx.eval(cur)
+    return cur
 
 
 def _tail(x: mx.array, n: int, axis: int) -> mx.array:
@@ -822,7 +825,7 @@ def _decode_blended(model: WanVAE, latents: mx.array, spec: Tiling, attention_bu
                 cur = _blend(left, cur, blend_w, axis=3)
             ph, pw = min(spec.stride_h * s, cur.shape[2]), min(spec.stride_w * s, cur.shape[3])
             out[:, :, i * s:i * s + ph, j * s:j * s + pw] = _to_unit(cur[:, :, :ph, :pw])
-            mx.eval(out)
+            mx.eval(out)  # in place: out is held only here
             row[j] = _tail(cur, blend_h, 2) if blend_h else cur[:, :, :0]
             left = _tail(cur, blend_w, 3) if blend_w else cur[:, :, :, :0]
             del cur
@@ -973,8 +976,8 @@ def decoder_peak_bytes(config: WanVAEConfig, latent_shape: tuple, tile=None, ite
     ``(B, T, H, W, ...)``. Whole frames: weights + all feature caches + the largest segment's working set; T
     does not enter. With ``tile`` (:func:`tiling`) the caches and working set are one tile's (they scale with
     its area), plus the fp32 output video (tiles finish the frames together; it grows with T) and, exact
-    tiles: the attention's output for every latent frame; blended tiles: the tile's own decoded video, its
-    blended copies and the strips kept for blending. ``itemsize``: 4 for fp32 (the CPU), 2 for fp16/bf16."""
+    tiles: the attention's output for every latent frame; blended tiles: the tile's own decoded video, the
+    crop written out of it and the strips kept for blending. ``itemsize``: 4 for fp32 (the CPU), 2 for fp16/bf16."""
     model = _shape_model(config)
     b, t, h, w = (int(v) for v in latent_shape[:4])
     spec = tiling(tile, config)
@@ -996,10 +999,10 @@ def decoder_peak_bytes(config: WanVAEConfig, latent_shape: tuple, tile=None, ite
     th, tw = min(h, spec.height), min(w, spec.width)
     one_tile = th * tw * s * s * per_pixel
     strips = ((spec.height - spec.stride_h) * w + th * (spec.width - spec.stride_w)) * s * s * per_pixel
-    # decoding a tile: its decoder state + its video buffer; blending: the tile, its two blended versions
-    # (each blend is a new array) and the clamped crop written into the output
+    # decoding a tile: its decoder state + its video buffer; blending (in place, strip by strip): the tile and
+    # the clamped crop written into the output
     decoding = _stream_elements(model, decoder_segments(model), b, th, tw) * itemsize + one_tile
-    return int(weights + video + strips + max(decoding, 4 * one_tile)) + _SLACK
+    return int(weights + video + strips + max(decoding, 2 * one_tile)) + _SLACK
 
 
 def tile_work(config: WanVAEConfig, latent_shape: tuple, tile) -> float:
