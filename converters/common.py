@@ -19,7 +19,7 @@ import numpy as np
 from mlx_video import fsio
 from mlx_video.inputs import MAX_JSON_BYTES, InputError, check_input_path, read_json, resolve_inside
 from mlx_video.safetensors_io import read_safetensors_header as _read_header
-from mlx_video.utils import UserError, write_config_section
+from mlx_video.utils import Rule, Transform, UserError, write_config_section
 
 
 class ConversionError(UserError):
@@ -293,18 +293,6 @@ def strip_common_prefix(ckpt: Checkpoint, prefixes: list[str], marker: str) -> C
 # --------------------------------------------------------------------------------------------------
 # Declarative key maps
 # --------------------------------------------------------------------------------------------------
-
-Transform = Callable[[mx.array], mx.array]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``pattern`` (a full-match regex on the source key) -> ``target`` (``re`` template), then ``transform``."""
-
-    pattern: str
-    target: str
-    transform: Transform | None = None
-
 
 def apply_key_map(ckpt: Checkpoint, rules: list[Rule]) -> tuple[dict[str, tuple[str, Transform | None]], list[str]]:
     """Map every source key through the first matching rule.

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_video.models.wan_dit import FP32_PARAMETERS, WEIGHTS_NAME, WanDiT, WanDiTConfig
+from mlx_video.models.wan_dit import (FP32_PARAMETERS, WAN_RULES, WEIGHTS_NAME, WanDiT, WanDiTConfig,
+                                     conv3d_to_patch_linear)
 from mlx_video.utils import (UsageError, cast_floating, config_from_dict, config_to_dict, dtype_name, parameter_count,
                              save_weights)
 
@@ -23,31 +24,7 @@ from .common import (Checkpoint, ConversionError, Rule, apply_key_map, check_str
                      parameter_shapes, side_config, side_config_path, strip_common_prefix)
 
 
-def conv3d_to_patch_linear(w: mx.array) -> mx.array:
-    """Conv3d [O, C, kt, kh, kw] (kernel == stride) -> Linear [O, kt*kh*kw*C] over channels-last patches."""
-    return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
-
-
 _P = conv3d_to_patch_linear
-
-WAN_RULES = [
-    Rule(r"patch_embedding\.weight", "patch_embedding.weight", _P),
-    Rule(r"patch_embedding\.bias", "patch_embedding.bias"),
-    Rule(r"text_embedding\.0\.(weight|bias)", r"text_embedding.linear_1.\1"),
-    Rule(r"text_embedding\.2\.(weight|bias)", r"text_embedding.linear_2.\1"),
-    Rule(r"time_embedding\.0\.(weight|bias)", r"time_embedding.linear_1.\1"),
-    Rule(r"time_embedding\.2\.(weight|bias)", r"time_embedding.linear_2.\1"),
-    Rule(r"time_projection\.1\.(weight|bias)", r"time_projection.\1"),
-    Rule(r"blocks\.(\d+)\.modulation", r"blocks.\1.modulation"),
-    Rule(r"blocks\.(\d+)\.(self_attn|cross_attn)\.([qkvo])\.(weight|bias)", r"blocks.\1.\2.\3.\4"),
-    Rule(r"blocks\.(\d+)\.(self_attn|cross_attn)\.(norm_[qk])\.weight", r"blocks.\1.\2.\3.weight"),
-    Rule(r"blocks\.(\d+)\.norm3\.(weight|bias)", r"blocks.\1.norm3.\2"),
-    Rule(r"blocks\.(\d+)\.ffn\.0\.(weight|bias)", r"blocks.\1.ffn.fc1.\2"),
-    Rule(r"blocks\.(\d+)\.ffn\.2\.(weight|bias)", r"blocks.\1.ffn.fc2.\2"),
-    Rule(r"head\.modulation", "head.modulation"),
-    Rule(r"head\.head\.(weight|bias)", r"head.linear.\1"),
-]
-
 _ATTN = {"attn1": "self_attn", "attn2": "cross_attn"}
 DIFFUSERS_RULES = [
     Rule(r"patch_embedding\.weight", "patch_embedding.weight", _P),

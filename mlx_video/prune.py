@@ -58,7 +58,7 @@ from mlx.utils import tree_flatten
 from . import fsio
 from .fsio import OutputRefused
 from .models import wan_dit
-from .models.wan_dit import FP32_PARAMETERS, WEIGHTS_NAME, WanDiT, WanDiTConfig
+from .models.wan_dit import FP32_PARAMETERS, WAN_RULES, WEIGHTS_NAME, WanDiT, WanDiTConfig, conv3d_to_patch_linear
 from .utils import (CONFIG_NAME, DTYPES, ModelFolderError, cast_floating, config_from_dict, config_section,
                     config_to_dict, free_memory, max_rss_bytes, read_config, resolve_model_path)
 
@@ -450,7 +450,7 @@ def prune_model(model: WanDiT, plan: list[dict], qk_norm: str | None = None) -> 
 
 
 def _invert_rule(rule) -> tuple[re.Pattern, str]:
-    """MLX-name regex and Wan-name template for one ``converters.wan_dit`` rule (groups are not nested)."""
+    """MLX-name regex and Wan-name template for one ``wan_dit.WAN_RULES`` rule (groups are not nested)."""
     groups = re.findall(r"\(([^()]*)\)", rule.pattern)
     regex = ""
     for part in re.split(r"(\\\d)", rule.target):
@@ -465,8 +465,6 @@ def _invert_rule(rule) -> tuple[re.Pattern, str]:
 
 def wan_state_dict(weights: dict, config: WanDiTConfig) -> dict[str, mx.array]:
     """MLX-named DiT weights -> original Wan names and PyTorch layouts (Conv3d patch embedding)."""
-    from converters.wan_dit import WAN_RULES, conv3d_to_patch_linear
-
     inverse = [(rule, *_invert_rule(rule)) for rule in WAN_RULES]
     out = {}
     for key, w in weights.items():

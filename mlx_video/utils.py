@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -329,3 +330,17 @@ def write_config_section(folder: Path, previous: Path | None, section: str, valu
 def save_weights(path: Path, weights: dict[str, mx.array], metadata: dict | None = None) -> None:
     """A safetensors file in MLX's layout (``format: mlx`` in its metadata, as ``mx.save_safetensors`` readers expect)."""
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx", **(metadata or {})})
+
+
+# Declarative key maps: the converters apply them (``converters.common.apply_key_map``); a model file holds
+# the map of its original checkpoint names, which ``prune`` also inverts to write checkpoints back.
+Transform = Callable[[mx.array], mx.array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``pattern`` (a full-match regex on the source key) -> ``target`` (``re`` template), then ``transform``."""
+
+    pattern: str
+    target: str
+    transform: Transform | None = None

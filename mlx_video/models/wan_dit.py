@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..ops import DEFAULT_ATTENTION_BUDGET, attention, gelu_tanh, gelu_tanh_fresh, modulated_layer_norm, native_rope
+from ..utils import Rule
 
 # Parameters that stay fp32 whatever the weight dtype (small, and precision-critical).
 FP32_PARAMETERS = ("time_embedding.", "modulation", "norm", "head.linear")
@@ -400,6 +401,32 @@ class WanDiT(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+
+# The original Wan checkpoint names -> this module's (the converters apply it; ``prune`` inverts it).
+def conv3d_to_patch_linear(w: mx.array) -> mx.array:
+    """Conv3d [O, C, kt, kh, kw] (kernel == stride) -> Linear [O, kt*kh*kw*C] over channels-last patches."""
+    return w.transpose(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
+
+
+_P = conv3d_to_patch_linear
+
+WAN_RULES = [
+    Rule(r"patch_embedding\.weight", "patch_embedding.weight", _P),
+    Rule(r"patch_embedding\.bias", "patch_embedding.bias"),
+    Rule(r"text_embedding\.0\.(weight|bias)", r"text_embedding.linear_1.\1"),
+    Rule(r"text_embedding\.2\.(weight|bias)", r"text_embedding.linear_2.\1"),
+    Rule(r"time_embedding\.0\.(weight|bias)", r"time_embedding.linear_1.\1"),
+    Rule(r"time_embedding\.2\.(weight|bias)", r"time_embedding.linear_2.\1"),
+    Rule(r"time_projection\.1\.(weight|bias)", r"time_projection.\1"),
+    Rule(r"blocks\.(\d+)\.modulation", r"blocks.\1.modulation"),
+    Rule(r"blocks\.(\d+)\.(self_attn|cross_attn)\.([qkvo])\.(weight|bias)", r"blocks.\1.\2.\3.\4"),
+    Rule(r"blocks\.(\d+)\.(self_attn|cross_attn)\.(norm_[qk])\.weight", r"blocks.\1.\2.\3.weight"),
+    Rule(r"blocks\.(\d+)\.norm3\.(weight|bias)", r"blocks.\1.norm3.\2"),
+    Rule(r"blocks\.(\d+)\.ffn\.0\.(weight|bias)", r"blocks.\1.ffn.fc1.\2"),
+    Rule(r"blocks\.(\d+)\.ffn\.2\.(weight|bias)", r"blocks.\1.ffn.fc2.\2"),
+    Rule(r"head\.modulation", "head.modulation"),
+    Rule(r"head\.head\.(weight|bias)", r"head.linear.\1"),
+]
 
 WEIGHTS_NAME = "dit.safetensors"
 
