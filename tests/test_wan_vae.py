@@ -514,3 +514,41 @@ def test_a_wan_vae_that_cannot_fit_is_refused_with_every_stage_over_the_limit(bo
     message = str(info.value)
     assert "does not fit the memory limit of 4.0 MB" in message and "decode: " in message
     assert re.search(r"(encode|denoise) needs \d", message), message
+
+
+@pytest.mark.parametrize("tile", [None, 144, (192, 192, 144, 144)])
+def test_the_attention_budget_reaches_the_attention_on_every_decode_path(monkeypatch, tile):
+    """The plan's attention budget bounds the mid-block attention whole-frame, in exact tiles and in
+    blended tiles alike (a path that drops it falls back to the default budget)."""
+    config = reduced_config(has_encoder=False)
+    model = wan_vae.WanVAE(config)
+    seen, attend = [], wan_vae.attention_block
+
+    def spy(block, x, budget_bytes=None):
+        seen.append(budget_bytes)
+        return attend(block, x, budget_bytes)
+
+    monkeypatch.setattr(wan_vae, "attention_block", spy)
+    lat = mx.array(latents(2, 36, 36, seed=3))
+    for frame in wan_vae.decode_stream(model, lat, tile=tile, attention_budget=3 * 2**20 + 7):
+        mx.eval(frame)
+    assert seen and set(seen) == {3 * 2**20 + 7}
+
+
+def test_a_decode_that_cannot_fit_states_its_figures():
+    """The refusal's figures are the plan's own: the whole-frame prediction, the smallest blended tile's and
+    the fp32 video's size (B x frames x 8H x 8W x 3 x 4 bytes), in MiB."""
+    import re
+
+    real, shape = wan_vae.WanVAEConfig(), (1, 21, 60, 104, 16)
+    with pytest.raises(MemoryError) as info:
+        wan_vae.choose_tile(real, shape, 300 * 2**20)
+    text = str(info.value)
+    whole, tiled, video = (float(v) for v in re.search(
+        r"whole frames need (\d+) MiB and even 32-pixel blended tiles (\d+) MiB \(the decoded video alone is "
+        r"(\d+) MiB\)", text).groups())
+    smallest = (32, 32, 24, 24)
+    assert whole == round(wan_vae.decoder_peak_bytes(real, shape) / 2**20)
+    assert tiled == round(wan_vae.decoder_peak_bytes(real, shape, smallest) / 2**20)
+    assert video == round(81 * 480 * 832 * 3 * 4 / 2**20)  # 370 MiB
+    assert text.startswith("Wan VAE decode of latents (1, 21, 60, 104, 16) does not fit 300 MiB: ")
