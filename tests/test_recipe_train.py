@@ -118,3 +118,22 @@ def test_usage_errors_exit_2_and_leave_nothing(tmp_path, capsys):
     assert cli.main(["eval", "--ground-truth", "--prompts", str(bad)]) == 2
     assert "not a canonical world caption" in capsys.readouterr().err
     assert cli.main(["eval", "--seeds", "1"]) == 2
+
+
+def test_a_patch_1_teacher_trains_on_every_latent_pixel_and_generates(smoke_model, tmp_path):
+    """``--dit-patch 1``: the teacher's tokens are single latent pixels (4x Wan's), recorded in the folder,
+    and the runtime generates with it (the same DiT code at another patch size)."""
+    import shutil
+
+    out = tmp_path / "p1"
+    shutil.copytree(smoke_model, out, ignore=shutil.ignore_patterns("train", "dit.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    for section in ("dit", "sampler", "world"):
+        config.pop(section, None)
+    (out / "config.json").write_text(json.dumps(config))
+    assert run_recipe("teacher", "--out", str(out), "--steps", "4", "--dit-patch", "1") == 0
+    assert json.loads((out / "config.json").read_text())["dit"]["patch_size"] == [1, 1, 1]
+    assert cli.main(["generate", "--model", str(out), "--prompt", "a red circle moving left on a black background",
+                     "--height", "64", "--width", "64", "--frames", "17", "--steps", "2", "-o",
+                     str(tmp_path / "v.mp4"), "--quiet"]) == 0
+    assert (tmp_path / "v.mp4").stat().st_size > 1000

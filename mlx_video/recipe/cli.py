@@ -20,6 +20,7 @@ port has no UniPC and no CFG, which the teacher samples with).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per stage)")
     p.add_argument("--size", choices=("default", "smoke"), default="default",
                    help="model and data sizes: default, or smoke (tiny, for tests)")
+    p.add_argument("--dit-patch", type=int, choices=(1, 2), default=None,
+                   help="teacher: the DiT's spatial patch (default 2, Wan's; 1: 4x the tokens, for sub-token motion)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after step N as if interrupted (the checkpoint at N stays; resume later)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -82,8 +85,10 @@ def run(args) -> int:
                 kwargs["lr"] = args.lr
             if name in STUDENT_STAGES:
                 kwargs.update(teacher=args.teacher, init=args.init)
-            summary = fns[name](out, args.steps or DEFAULT_STEPS[name], args.seed, args.resume, SIZES[args.size],
-                                **kwargs)
+            sizes = SIZES[args.size]
+            if args.dit_patch is not None:
+                sizes = dataclasses.replace(sizes, dit_patch=args.dit_patch)
+            summary = fns[name](out, args.steps or DEFAULT_STEPS[name], args.seed, args.resume, sizes, **kwargs)
             brief = {k: summary.get(k) for k in ("stage", "step", "steps", "wall_seconds", "steps_per_second",
                                                  "loss_first", "loss_last", "finished", "heldout")}
             print(json.dumps(brief), file=sys.stderr)
