@@ -529,14 +529,19 @@ def _markdown(data: dict) -> str:
         sw = json.loads(swift_file.read_text())
         sample = sw.get("sample") or {}
         swift_score = "n/a" if sw["score"] is None else f"{100 * sw['score']:.1f}%"
+        equivalent = sw.get("equivalent", 0)
+        skipped = sw.get("not_compiled_here", 0)
         lines += ["", "## Swift templates (`python -m benchmarks.mutation_swift`: compiled golden XCTests)", "",
-                  f"{sw['mutants']} single-line mutants of the templated sources of an export; "
-                  f"{sample.get('size', 'all')} checked (seed {sample.get('seed', '-')}): killed {sw['killed']}, "
-                  f"survived {sw['survived']}, did not compile {sw['invalid']} (not counted); score "
-                  f"{swift_score}.", ""]
+                  f"{sw['mutants']} single-line mutants of the templated sources of an export"
+                  + (f" ({skipped} more in `#if` branches this platform does not compile, not mutated)" if skipped
+                     else "") + f"; {sample.get('size', 'all')} checked (seed {sample.get('seed', '-')}): killed "
+                  f"{sw['killed']}, survived {sw['survived']} (equivalent {equivalent}), did not compile "
+                  f"{sw['invalid']} (not counted); score killed / (killed + survived - equivalent) = {swift_score}.",
+                  ""]
         for r in sw["results"]:
             by = f" by {', '.join(r['failed'])}" if r.get("failed") else ""
-            lines.append(f"- {r['status']}{by}: `{r['file']}:{r['line']}` ({r['kind']}): `{r['new'].strip()}`")
+            status = f"equivalent ({r['equivalent']})" if r.get("equivalent") else r["status"]
+            lines.append(f"- {status}{by}: `{r['file']}:{r['line']}` ({r['kind']}): `{r['new'].strip()}`")
     lines += ["", "Test selection per module (mutmut then runs, per mutant, only the selected tests that reach the "
               "mutated function):", ""]
     lines += [f"- {module}: " + ", ".join(f"`{t}`" for t in m["tests"]) for module, m in data["modules"].items()]

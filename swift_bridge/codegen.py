@@ -10,6 +10,9 @@ Nothing here knows a layer size or a parameter name. The Swift code of a compone
 - ``    // {{properties}}`` inside ``final class X``: the ``@ModuleInfo(key:)`` / ``@ParameterInfo(key:)``
   declarations of ``X``, generated from the Python module that ``X`` mirrors (its keys, in the Python
   attribute order; its children's Swift types). Property names are the camelCase keys.
+- ``{{constant:NAME}}`` anywhere: the integer :func:`template_constants` gives ``NAME`` (figures the
+  Swift must share with Python are written once, here or in the runtime, and the golden fixtures carry
+  the same values for the XCTests to compare).
 
 So a renamed or added Python parameter changes the generated declarations, and the template's
 initialiser then no longer assigns them: :func:`expand_template` fails with the list of what to fix.
@@ -30,6 +33,21 @@ import mlx.nn as nn
 
 GENERATOR_VERSION = 1
 TEMPLATES = Path(__file__).parent / "templates"
+
+# The exported pipeline's defaults for an 8 GB iPhone (Pipeline.swift; the generated README states them):
+# MLX's memory limit, what stays free when the OS reports the memory available, the lowest limit derived
+# from that report, and MLX's buffer cache.
+PHONE_MEMORY = {"phone_memory_limit": 4608 << 20, "phone_memory_headroom": 512 << 20,
+                "phone_minimum_memory_limit": 1 << 30, "phone_cache_limit": 20 << 20}
+_CONSTANT = re.compile(r"\{\{constant:(\w+)\}\}")
+
+
+def template_constants() -> dict[str, int]:
+    """``{{constant:NAME}}`` values: the phone memory settings and the Python runtime's figures that the
+    Swift port repeats (the DiT's FFN activation budget, ``mlx_video.ops``)."""
+    from mlx_video import ops
+
+    return {**PHONE_MEMORY, "ffn_activation_budget": ops.DEFAULT_ATTENTION_BUDGET}
 
 SWIFT_KEYWORDS = {"as", "break", "case", "catch", "class", "continue", "default", "defer", "do", "else", "enum",
                   "extension", "fallthrough", "false", "for", "func", "guard", "if", "import", "in", "init",
@@ -267,6 +285,11 @@ def expand_template(name: str, header_text: str, configuration: str | None,
     if "// {{header}}" not in text:
         raise GenerationError(f"template {name} has no // {{{{header}}}} marker")
     text = text.replace("// {{header}}", header_text, 1)
+    constants = template_constants()
+    unknown = sorted({m.group(1) for m in _CONSTANT.finditer(text)} - set(constants))
+    if unknown:
+        raise GenerationError(f"template {name} uses unknown constants {unknown}")
+    text = _CONSTANT.sub(lambda m: str(constants[m.group(1)]), text)
     if configuration is not None:
         if "// {{configuration}}" not in text:
             raise GenerationError(f"template {name} has no // {{{{configuration}}}} marker")

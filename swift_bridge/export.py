@@ -192,7 +192,8 @@ def generate_sources(configs: dict[str, object], sampler_config) -> dict[str, st
     for name, path, source in (("Tokenizer.swift", f"{SOURCES}/Tokenizer.swift", "mlx_video/tokenizer.py"),
                                ("Pipeline.swift", f"{SOURCES}/Pipeline.swift", "mlx_video pipeline stages"),
                                ("main.swift", f"{CLI_SOURCES}/main.swift", "the command-line entry point"),
-                               ("GoldenTests.swift", f"{TESTS}/GoldenTests.swift", "swift_bridge/golden.py")):
+                               ("GoldenTests.swift", f"{TESTS}/GoldenTests.swift", "swift_bridge/golden.py"),
+                               ("ContractTests.swift", f"{TESTS}/ContractTests.swift", "swift_bridge/golden.py")):
         out[path] = codegen.expand_template(name, codegen.header(name, [source]), None, {})
     return out
 

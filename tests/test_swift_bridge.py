@@ -114,7 +114,7 @@ def test_package_layout(package):
                 f"{SOURCES}/WanDiT.swift", f"{SOURCES}/UMT5.swift", f"{SOURCES}/TAEHV.swift",
                 f"{SOURCES}/Sampler.swift", f"{SOURCES}/Tokenizer.swift", f"{SOURCES}/Pipeline.swift",
                 f"{SOURCES}/ModelFolder.swift", "Sources/LightningVideoCLI/main.swift",
-                "Tests/LightningVideoTests/GoldenTests.swift"]:
+                "Tests/LightningVideoTests/GoldenTests.swift", "Tests/LightningVideoTests/ContractTests.swift"]:
         assert (package / rel).is_file(), rel
     manifest = (package / "Package.swift").read_text()
     assert ".iOS(.v17), .macOS(.v14)" in manifest and manifest.count(".library(") == 1
@@ -144,6 +144,30 @@ def test_generated_swift_mirrors_the_python_modules(package):
     assert '@ModuleInfo(key: "q") var q: Linear' in t5  # quantize(model:) swaps it for QuantizedLinear
     folder = (package / SOURCES / "ModelFolder.swift").read_text()
     assert 'weights["\\(path).scales"] != nil ? settings : nil' in folder and "verify: [.all]" in folder
+
+
+def test_shared_figures_are_rendered_from_python(package):
+    """`{{constant:NAME}}` becomes the generator's or the runtime's figure; none is left unrendered."""
+    from mlx_video import ops
+
+    pipeline = (package / SOURCES / "Pipeline.swift").read_text()
+    for name, swift in [("phone_memory_limit", "defaultMemoryLimit"), ("phone_memory_headroom", "memoryHeadroom"),
+                        ("phone_minimum_memory_limit", "minimumMemoryLimit"),
+                        ("phone_cache_limit", "defaultCacheLimit")]:
+        assert f"public static let {swift} = {codegen.PHONE_MEMORY[name]}\n" in pipeline, name
+    assert codegen.PHONE_MEMORY["phone_memory_limit"] == 4608 * 2**20  # the README's 4.5 GB
+    dit = (package / SOURCES / "WanDiT.swift").read_text()
+    assert f"static let activationBudget = {ops.DEFAULT_ATTENTION_BUDGET}\n" in dit
+    for path in package.rglob("*.swift"):
+        assert "{{constant:" not in path.read_text(), path
+
+
+def test_an_unknown_template_constant_is_refused(monkeypatch):
+    text = codegen.template_text("Sampler.swift").replace("static let numTrainTimesteps = 1000",
+                                                          "static let numTrainTimesteps = {{constant:nope}}")
+    monkeypatch.setattr(codegen, "template_text", lambda name: text)
+    with pytest.raises(codegen.GenerationError, match=r"unknown constants \['nope'\]"):
+        codegen.expand_template("Sampler.swift", "// header", "", {})
 
 
 def test_every_generated_swift_file_parses(package):
@@ -429,6 +453,72 @@ def test_denoise_step_fixture_is_one_sampler_step(package):
     assert mx.allclose(f["next_latents"], expected, atol=1e-6)
     euler = sampling.schedule(sampling.sampler_config(name="euler", steps=8, shift=5.0))
     assert np.array(s["euler_timesteps"]).tolist() == euler.timesteps
+
+
+def test_contract_fixtures_are_the_runtime_s(package):
+    """The fixtures of the contract XCTests: the runtime's sampler runs, FFN, RoPE and request rules."""
+    from mlx_video import sampling
+    from mlx_video.pipeline import GenerationRequest
+    from swift_bridge import golden
+
+    fixtures = package / GOLDEN / "fixtures"
+    f, meta = mx.load(str(fixtures / "sampler_runs.safetensors"), return_metadata=True)
+    names = []
+    for i in range(4):
+        config = sampling.sampler_config(json.loads(meta[f"config_{i}"]))
+        names.append(config.name)
+        latents = sampling.sample(config, golden.toy_velocity, f["noise"], key=int(meta[f"seed_{i}"]))
+        assert mx.allclose(latents, f[f"latents_{i}"], atol=1e-6), i
+    assert names == ["euler", "euler", "fewstep", "fewstep"] and f"config_{4}" not in meta
+    assert json.loads(meta["config_3"])["denoising_step_list"][-1] == 0  # the section as written, 0 included
+    f, meta = mx.load(str(fixtures / "ffn.safetensors"), return_metadata=True)
+    dit = wan_dit.load(package / GOLDEN / "model", dtype=mx.float32)
+    assert mx.allclose(dit.blocks[0].ffn(f["x"]), f["y"], atol=1e-5)  # chunking does not change the result
+    hidden = dit.blocks[0].ffn.fc1.weight.shape[0]
+    assert int(meta["budget"]) // (hidden * 8) == int(meta["chunk_tokens"]) < f["x"].shape[1]
+    f, meta = mx.load(str(fixtures / "requests.safetensors"), return_metadata=True)
+    accepted = {i for i in range(len(golden.REQUESTS)) if f"latent_shape_{i}" in f}
+    assert accepted == {0, 1, 2, 3}  # the others break one rule each
+    assert f["latent_shape_3"].tolist() == list(GenerationRequest(prompt="x", frames=21, height=480,
+                                                                  width=832).latent_shape())
+
+
+def test_clean_texts_need_no_ftfy(monkeypatch):
+    """The Swift cleaning has no ftfy: on its fixture texts the runtime's cleaning is the same without it."""
+    import sys
+
+    from mlx_video.tokenizer import clean
+    from swift_bridge.golden import CLEAN_TEXTS
+
+    with_ftfy = [clean(t) for t in CLEAN_TEXTS]
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # `import ftfy` raises ImportError: clean() skips it
+    assert [clean(t) for t in CLEAN_TEXTS] == with_ftfy and len(CLEAN_TEXTS) > 5
+
+
+def test_pixel_shuffle_reference_is_the_runtime_s():
+    from swift_bridge.golden import pixel_shuffle_reference
+
+    x = np.random.default_rng(0).uniform(0, 1, (1, 2, 3, 4, 3 * 3 * 3)).astype(np.float32)
+    config = taehv.TAEHVConfig(patch_size=3)
+    assert np.array_equal(np.array(taehv._finish(config, mx.array(x))), pixel_shuffle_reference(x, 3))
+
+
+def test_normalizer_variant_sets_and_clears_flags(spiece):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from swift_bridge.golden import normalizer_variant
+
+    original = pb.ModelProto.FromString(spiece.read_bytes())
+    off = pb.ModelProto.FromString(normalizer_variant(spiece.read_bytes(), {"add_dummy_prefix": False,
+                                                                            "remove_extra_whitespaces": False}))
+    assert not off.normalizer_spec.add_dummy_prefix and not off.normalizer_spec.remove_extra_whitespaces
+    assert off.normalizer_spec.HasField("remove_extra_whitespaces")
+    unset = pb.ModelProto.FromString(normalizer_variant(off.SerializeToString(), {"remove_extra_whitespaces": None}))
+    assert not unset.normalizer_spec.HasField("remove_extra_whitespaces")
+    assert unset.normalizer_spec.remove_extra_whitespaces  # the proto default
+    for changed in (off, unset):
+        assert changed.pieces == original.pieces and changed.trainer_spec == original.trainer_spec
+        assert changed.normalizer_spec.precompiled_charsmap == original.normalizer_spec.precompiled_charsmap
 
 
 # --------------------------------------------------------------------------------------------------

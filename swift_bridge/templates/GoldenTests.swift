@@ -19,31 +19,10 @@ final class GoldenTests: XCTestCase {
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent()
 
-    func fixture(_ name: String) throws -> [String: MLXArray] {
-        try loadArrays(url: Self.golden.appendingPathComponent("fixtures/\(name).safetensors"))
-    }
-
-    func doubles(_ array: MLXArray) -> [Double] {
-        array.asType(.float32).asArray(Float.self).map { Double($0) }
-    }
-
     /// Default relative tolerance: 1e-3 (fp32 on the GPU against the CPU reference);
     /// `LIGHTNING_VIDEO_GOLDEN_TOLERANCE` overrides it (`export-swift --verify` uses 1e-4 on the CPU stand-in).
     static let defaultTolerance =
         Float(ProcessInfo.processInfo.environment["LIGHTNING_VIDEO_GOLDEN_TOLERANCE"] ?? "") ?? 1e-3
-
-    /// max |actual - expected| <= tolerance * max |expected|.
-    func assertClose(
-        _ actual: MLXArray, _ expected: MLXArray, tolerance: Float = GoldenTests.defaultTolerance, _ what: String,
-        file: StaticString = #filePath, line: UInt = #line
-    ) {
-        XCTAssertEqual(actual.shape, expected.shape, "\(what): shape", file: file, line: line)
-        guard actual.shape == expected.shape else { return }
-        let error = abs(actual.asType(.float32) - expected.asType(.float32)).max().item(Float.self)
-        let scale = max(abs(expected.asType(.float32)).max().item(Float.self), 1e-6)
-        print("GOLDEN \(what): relative error \(error / scale) (tolerance \(tolerance))")
-        XCTAssertLessThanOrEqual(error / scale, tolerance, "\(what): relative error \(error / scale)", file: file, line: line)
-    }
 
     func testFolderLoadsWithStrictVerification() throws {
         let folder = try ModelFolder(url: Self.modelURL)
@@ -159,20 +138,86 @@ final class GoldenTests: XCTestCase {
         if folder.configuration.decoder != nil { _ = try folder.loadDecoder() }
     }
 
-    func testTokenizerMatchesPython() throws {
-        // The tokenizer fixture uses the real spiece.model in the package's Model folder.
+    /// The tokenizer fixtures use the real spiece.model in the package's Model folder (skipped without one).
+    func exportedTokenizer() throws -> URL {
         let model = Self.packageRoot.appendingPathComponent("Model/spiece.model")
         let fixtureURL = Self.golden.appendingPathComponent("fixtures/tokenizer.safetensors")
         guard FileManager.default.fileExists(atPath: model.path), FileManager.default.fileExists(atPath: fixtureURL.path)
         else {
             throw XCTSkip("no spiece.model was exported")
         }
-        let (arrays, metadata) = try loadArraysAndMetadata(url: fixtureURL)
+        return model
+    }
+
+    /// `Tokenizer.encode` of the Python runtime: Wan's cleaning (HTML unescaped twice, whitespace collapsed),
+    /// sentencepiece, EOS; and truncation to `maxLength` (the first `maxLength - 1` ids, then EOS).
+    func testTokenizerMatchesPython() throws {
+        let model = try exportedTokenizer()
+        let (arrays, metadata) = try fixtureWithMetadata("tokenizer")
         let tokenizer = try UMT5Tokenizer(url: model)
-        for index in 0 ..< arrays.count {
-            let prompt = try XCTUnwrap(metadata["prompt_\(index)"])
-            let expected = try XCTUnwrap(arrays["ids_\(index)"]).asArray(Int32.self).map { Int($0) }
-            XCTAssertEqual(tokenizer.encode(prompt), expected, "prompt \(index): \(prompt)")
+        let defaults = try ["max_length", "pad_id", "eos_id"].map { try XCTUnwrap(Int(try XCTUnwrap(metadata[$0]))) }
+        XCTAssertEqual([tokenizer.maxLength, tokenizer.padId, tokenizer.eosId], defaults, "the runtime's defaults")
+        var index = 0
+        while let prompt = metadata["prompt_\(index)"] {
+            XCTAssertEqual(tokenizer.encode(prompt), try ints(arrays["ids_\(index)"]), "prompt \(index): \(prompt)")
+            index += 1
         }
+        XCTAssertGreaterThan(index, 0)
+        let length = try XCTUnwrap(Int(try XCTUnwrap(metadata["truncation_length"])))
+        let short = try UMT5Tokenizer(url: model, maxLength: length)
+        let prompt = try XCTUnwrap(metadata["truncated_prompt"])
+        XCTAssertEqual(short.encode(prompt), try ints(arrays["truncated_ids"]), "truncated to \(length): \(prompt)")
+    }
+
+    /// sentencepiece's own ids (no Wan cleaning) for whitespace runs, with the model's normalizer flags
+    /// (`add_dummy_prefix`, `remove_extra_whitespaces`, `escape_whitespaces`) left unset, so their
+    /// defaults apply, with all three off, and with only the extra whitespace kept; and with user-defined
+    /// symbols added (`golden.USER_SYMBOLS`).
+    func testTokenizerNormalizerFlagsMatchSentencepiece() throws {
+        _ = try exportedTokenizer()
+        let (arrays, metadata) = try fixtureWithMetadata("tokenizer_normalizer")
+        for variant in ["defaults", "flags_off", "prefix_only", "user_defined"] {
+            let file = try XCTUnwrap(metadata["model_\(variant)"])
+            let tokenizer = try UMT5Tokenizer(url: Self.golden.appendingPathComponent("fixtures/\(file)"))
+            var index = 0
+            while let text = metadata["text_\(index)"] {
+                XCTAssertEqual(tokenizer.encodePieces(text), try ints(arrays["\(variant)_ids_\(index)"]),
+                               "\(variant), text \(index): \(text.debugDescription)")
+                index += 1
+            }
+            XCTAssertGreaterThan(index, 0)
+        }
+    }
+}
+
+/// Fixture reading and comparison, shared by the golden and contract tests.
+extension XCTestCase {
+    func fixture(_ name: String) throws -> [String: MLXArray] {
+        try fixtureWithMetadata(name).0
+    }
+
+    func fixtureWithMetadata(_ name: String) throws -> ([String: MLXArray], [String: String]) {
+        try loadArraysAndMetadata(url: GoldenTests.golden.appendingPathComponent("fixtures/\(name).safetensors"))
+    }
+
+    func doubles(_ array: MLXArray) -> [Double] {
+        array.asType(.float32).asArray(Float.self).map { Double($0) }
+    }
+
+    func ints(_ array: MLXArray?, file: StaticString = #filePath, line: UInt = #line) throws -> [Int] {
+        try XCTUnwrap(array, file: file, line: line).asArray(Int32.self).map { Int($0) }
+    }
+
+    /// max |actual - expected| <= tolerance * max |expected|.
+    func assertClose(
+        _ actual: MLXArray, _ expected: MLXArray, tolerance: Float = GoldenTests.defaultTolerance, _ what: String,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
+        XCTAssertEqual(actual.shape, expected.shape, "\(what): shape", file: file, line: line)
+        guard actual.shape == expected.shape else { return }
+        let error = abs(actual.asType(.float32) - expected.asType(.float32)).max().item(Float.self)
+        let scale = max(abs(expected.asType(.float32)).max().item(Float.self), 1e-6)
+        print("GOLDEN \(what): relative error \(error / scale) (tolerance \(tolerance))")
+        XCTAssertLessThanOrEqual(error / scale, tolerance, "\(what): relative error \(error / scale)", file: file, line: line)
     }
 }

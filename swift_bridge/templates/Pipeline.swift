@@ -45,10 +45,13 @@ public final class LightningVideoPipeline {
 
     /// Defaults for an 8 GB iPhone 16 Pro Max. With the `com.apple.developer.kernel.increased-memory-limit`
     /// entitlement an app may use well above half of the RAM; MLX is kept below 4.5 GB (and below what the
-    /// OS says is available, minus 512 MB of headroom for the app and the frames being shown). A small
-    /// buffer cache keeps freed stage memory from lingering between stages.
-    public static let defaultMemoryLimit = 4_608 * 1024 * 1024
-    public static let defaultCacheLimit = 20 * 1024 * 1024
+    /// OS says is available, minus 512 MB of headroom for the app and the frames being shown, but not below
+    /// 1 GB). A small buffer cache keeps freed stage memory from lingering between stages. The figures come
+    /// from the generator (`swift_bridge/codegen.py`, `PHONE_MEMORY`).
+    public static let defaultMemoryLimit = {{constant:phone_memory_limit}}
+    public static let memoryHeadroom = {{constant:phone_memory_headroom}}
+    public static let minimumMemoryLimit = {{constant:phone_minimum_memory_limit}}
+    public static let defaultCacheLimit = {{constant:phone_cache_limit}}
 
     public init(folder: ModelFolder) {
         self.folder = folder
@@ -60,15 +63,25 @@ public final class LightningVideoPipeline {
 
     /// Set `Memory.memoryLimit` and `Memory.cacheLimit` (call once at startup, before loading a model).
     public static func configureMemory(memoryLimit: Int? = nil, cacheLimit: Int = defaultCacheLimit) {
-        var limit = memoryLimit ?? defaultMemoryLimit
-        #if os(iOS)
-        let available = Int(os_proc_available_memory())
-        if memoryLimit == nil && available > 0 {
-            limit = min(limit, max(available - 512 * 1024 * 1024, 1024 * 1024 * 1024))
-        }
-        #endif
-        Memory.memoryLimit = limit
+        Memory.memoryLimit = memoryLimit ?? Self.memoryLimit(available: availableMemory())
         Memory.cacheLimit = cacheLimit
+    }
+
+    /// The limit `configureMemory()` sets when given none, for `available` bytes the OS says the app may
+    /// still allocate (0: the OS does not say): `defaultMemoryLimit`, lowered to `available - memoryHeadroom`
+    /// but not below `minimumMemoryLimit`.
+    public static func memoryLimit(available: Int) -> Int {
+        guard available > 0 else { return defaultMemoryLimit }
+        return min(defaultMemoryLimit, max(available - memoryHeadroom, minimumMemoryLimit))
+    }
+
+    /// What the OS says the app may still allocate (iOS `os_proc_available_memory`); 0 elsewhere.
+    static func availableMemory() -> Int {
+        #if os(iOS)
+        return Int(os_proc_available_memory())
+        #else
+        return 0
+        #endif
     }
 
     /// Drop what a finished stage left in MLX's buffer cache.
@@ -181,7 +194,12 @@ public final class LightningVideoPipeline {
         let latents = try denoise(context: context, latentShape: shape, seed: request.seed, progress: progress)
         var frames = [MLXArray]()
         try decode(latents: latents) { frames.append($0.asType(.float32)) }
-        return concatenated(frames, axis: 1)[0]
+        return Self.video(frames)
+    }
+
+    /// The `[1, n, H, W, 3]` pieces `decode(latents:onFrames:)` streams, as one video `[F, H, W, 3]`.
+    static func video(_ pieces: [MLXArray]) -> MLXArray {
+        concatenated(pieces, axis: 1)[0]
     }
 }
 
@@ -208,11 +226,16 @@ public func processFootprintBytes() -> Int {
     return result == KERN_SUCCESS ? Int(info.phys_footprint) : 0
     #else
     guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return 0 }
-    for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+    return residentBytes(procStatus: status)
+    #endif
+}
+
+/// The `VmRSS` of a Linux `/proc/PID/status` text in bytes (0 when it has none).
+func residentBytes(procStatus: String) -> Int {
+    for line in procStatus.split(separator: "\n") where line.hasPrefix("VmRSS:") {
         return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
     }
     return 0
-    #endif
 }
 
 extension LightningVideoPipeline {

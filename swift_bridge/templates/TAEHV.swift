@@ -169,15 +169,7 @@ public final class TAEHVDecoder: Module {
 
     /// Raw decoder output -> RGB in [0, 1] (pixel shuffle when patchSize > 1).
     func finish(_ raw: MLXArray) -> MLXArray {
-        var x = clip(raw, min: 0, max: 1)
-        let p = config.patchSize
-        if p > 1 {
-            let s = x.shape
-            let (b, t, h, w, c) = (s[0], s[1], s[2], s[3], s[4])
-            x = x.reshaped([b, t, h, w, c / (p * p), p, p]).transposed(0, 1, 2, 5, 3, 6, 4)
-                .reshaped([b, t, h * p, w * p, -1])
-        }
-        return x
+        pixelShuffle(clip(raw, min: 0, max: 1), patch: config.patchSize)
     }
 
     /// All frames at once (memory grows with T). For the phone prefer `TAEHVDecoderStream`.
@@ -227,4 +219,16 @@ public final class TAEHVDecoderStream {
         eval(Array(memory.values))
         return out
     }
+}
+
+/// `[B, T, H, W, C p p]` -> `[B, T, H p, W p, C]`: channel `c p p + i p + j` of pixel (h, w) becomes channel
+/// `c` of pixel (h p + i, w p + j). A patch of 1 returns `x`.
+func pixelShuffle(_ x: MLXArray, patch p: Int) -> MLXArray {
+    if p == 1 {
+        return x
+    }
+    let s = x.shape
+    let (b, t, h, w, c) = (s[0], s[1], s[2], s[3], s[4])
+    return x.reshaped([b, t, h, w, c / (p * p), p, p]).transposed(0, 1, 2, 5, 3, 6, 4)
+        .reshaped([b, t, h * p, w * p, -1])
 }

@@ -186,7 +186,8 @@ final class WanAttention: Module {
 /// Linear -> GELU (tanh approximation, fp32) -> Linear, token-chunked like the Python runtime so the
 /// `[L, hidden]` activation (and its fp32 GELU copy) stays within `activationBudget` bytes.
 final class WanFeedForward: Module {
-    static let activationBudget = 512 * 1024 * 1024
+    /// The Python runtime's budget (`mlx_video.ops.DEFAULT_ATTENTION_BUDGET`).
+    static let activationBudget = {{constant:ffn_activation_budget}}
 
     // {{properties}}
 
@@ -201,8 +202,19 @@ final class WanFeedForward: Module {
         return linearInOwnDType(fc2, geluApproximate(hidden.asType(.float32)).asType(hidden.dtype))
     }
 
-    func callAsFunction(_ x: MLXArray) -> MLXArray {
-        let chunk = max(1, Self.activationBudget / (fc1.weight.dim(0) * 4 * 2))
+    /// Tokens per chunk: the most whose `[hidden]` fp32 activation and GELU copy (8 bytes per element) fit
+    /// in `budget`, and at least 1.
+    static func chunkTokens(hidden: Int, budget: Int) -> Int {
+        max(1, budget / (hidden * 4 * 2))
+    }
+
+    /// `chunkTokens` at this layer's hidden width.
+    func chunkTokens(budget: Int) -> Int {
+        Self.chunkTokens(hidden: fc1.weight.dim(0), budget: budget)
+    }
+
+    func callAsFunction(_ x: MLXArray, budget: Int = activationBudget) -> MLXArray {
+        let chunk = chunkTokens(budget: budget)
         let tokens = x.dim(1)
         if tokens <= chunk {
             return apply(x)
