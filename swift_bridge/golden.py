@@ -428,10 +428,24 @@ def _contract_fixtures(save, out: Path, dit, enc, dec, scfg) -> None:
 
 
 
-def _tokenizer_fixtures(save, out: Path, tokenizer_file: Path | None) -> None:
-    """Tokenizer ids and cleaning from the Python runtime and sentencepiece, and the model files they use."""
+def _sentencepiece_ids(out: Path, models: dict[str, bytes], texts) -> tuple[dict, dict]:
+    """Write each model as ``spiece_<name>.model`` and sentencepiece's ids of every text under it: the arrays
+    ``<name>_ids_<i>`` and the metadata naming each model file and text."""
     import sentencepiece as spm
 
+    arrays, meta = {}, {}
+    for name, data in models.items():
+        (out / f"spiece_{name}.model").write_bytes(data)
+        sp = spm.SentencePieceProcessor(model_proto=data)
+        meta[f"model_{name}"] = f"spiece_{name}.model"
+        for i, text in enumerate(texts):
+            arrays[f"{name}_ids_{i}"] = np.array(sp.encode(text), np.int32)
+            meta[f"text_{i}"] = text
+    return arrays, meta
+
+
+def _tokenizer_fixtures(save, out: Path, tokenizer_file: Path | None) -> None:
+    """Tokenizer ids and cleaning from the Python runtime and sentencepiece, and the model files they use."""
     from mlx_video.tokenizer import clean
 
     if tokenizer_file is not None:
@@ -461,27 +475,11 @@ def _tokenizer_fixtures(save, out: Path, tokenizer_file: Path | None) -> None:
                                                               "remove_extra_whitespaces": False,
                                                               "escape_whitespaces": True}),
                     "user_defined": with_user_symbols(model, USER_SYMBOLS)}
-        arrays, meta = {}, {}
-        for name, data in variants.items():
-            (out / f"spiece_{name}.model").write_bytes(data)
-            sp = spm.SentencePieceProcessor(model_proto=data)
-            meta[f"model_{name}"] = f"spiece_{name}.model"
-            for i, text in enumerate(WHITESPACE_TEXTS):
-                arrays[f"{name}_ids_{i}"] = np.array(sp.encode(text), np.int32)
-                meta[f"text_{i}"] = text
-        save("tokenizer_normalizer", arrays, meta)
+        save("tokenizer_normalizer", *_sentencepiece_ids(out, variants, WHITESPACE_TEXTS))
 
     # Wan's cleaning and the hand-made models (they need no exported tokenizer).
     save("tokenizer_clean", {"count": np.array(len(CLEAN_TEXTS), np.int32)},
          {**{f"text_{i}": t for i, t in enumerate(CLEAN_TEXTS)},
           **{f"clean_{i}": clean(t) for i, t in enumerate(CLEAN_TEXTS)}})
-    arrays, meta = {}, {}
-    for name, byte_fallback in (("crafted", False), ("crafted_bytes", True)):
-        data = crafted_model(byte_fallback)
-        (out / f"spiece_{name}.model").write_bytes(data)
-        sp = spm.SentencePieceProcessor(model_proto=data)
-        meta[f"model_{name}"] = f"spiece_{name}.model"
-        for i, text in enumerate(CRAFTED_TEXTS):
-            arrays[f"{name}_ids_{i}"] = np.array(sp.encode(text), np.int32)
-            meta[f"text_{i}"] = text
-    save("tokenizer_crafted", arrays, meta)
+    crafted = {"crafted": crafted_model(False), "crafted_bytes": crafted_model(True)}
+    save("tokenizer_crafted", *_sentencepiece_ids(out, crafted, CRAFTED_TEXTS))

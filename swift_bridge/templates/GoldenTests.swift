@@ -179,19 +179,28 @@ final class GoldenTests: XCTestCase {
         for variant in ["defaults", "flags_off", "prefix_only", "user_defined"] {
             let file = try XCTUnwrap(metadata["model_\(variant)"])
             let tokenizer = try UMT5Tokenizer(url: Self.golden.appendingPathComponent("fixtures/\(file)"))
-            var index = 0
-            while let text = metadata["text_\(index)"] {
-                XCTAssertEqual(tokenizer.encodePieces(text), try ints(arrays["\(variant)_ids_\(index)"]),
-                               "\(variant), text \(index): \(text.debugDescription)")
-                index += 1
-            }
-            XCTAssertGreaterThan(index, 0)
+            try assertSentencepieceIds(tokenizer, variant, arrays, metadata)
         }
     }
 }
 
 /// Fixture reading and comparison, shared by the golden and contract tests.
 extension XCTestCase {
+    /// The tokenizer's ids of every fixture text (`text_<i>`) equal sentencepiece's (`<variant>_ids_<i>`,
+    /// written by `golden._sentencepiece_ids`).
+    func assertSentencepieceIds(
+        _ tokenizer: UMT5Tokenizer, _ variant: String, _ arrays: [String: MLXArray], _ metadata: [String: String],
+        file: StaticString = #filePath, line: UInt = #line
+    ) throws {
+        var index = 0
+        while let text = metadata["text_\(index)"] {
+            XCTAssertEqual(tokenizer.encodePieces(text), try ints(arrays["\(variant)_ids_\(index)"]),
+                           "\(variant), text \(index): \(text.debugDescription)", file: file, line: line)
+            index += 1
+        }
+        XCTAssertGreaterThan(index, 0, "\(variant): no fixture texts", file: file, line: line)
+    }
+
     func fixture(_ name: String) throws -> [String: MLXArray] {
         try fixtureWithMetadata(name).0
     }
