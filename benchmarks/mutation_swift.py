@@ -157,7 +157,7 @@ def apply(package: Path, mutant: dict, target: Path) -> None:
 
 
 def run(sample: int, seed: int, workspace: Path | None, output: Path = OUTPUT,
-        files: tuple[str, ...] = ()) -> dict:
+        files: tuple[str, ...] = (), match: str | None = None) -> dict:
     import mlx_video  # noqa: F401  (fast BLAS before mlx)
     from swift_bridge.swiftbuild import build_and_test, claim_workspace
 
@@ -172,7 +172,8 @@ def run(sample: int, seed: int, workspace: Path | None, output: Path = OUTPUT,
     skipped: dict = {}
     # A mutant that loops forever is stopped at 10x the clean build-and-test time (and killed).
     timeout = max(120.0, 10 * (clean.build_seconds + clean.test_seconds))
-    every = [m for m in mutants(package, skipped) if not files or m["file"] in files]
+    every = [m for m in mutants(package, skipped)
+             if (not files or m["file"] in files) and (match is None or match in m["old"])]
     equivalent = load_equivalent()
     chosen = sorted(random.Random(seed).sample(range(len(every)), min(sample, len(every)))) if sample else \
         list(range(len(every)))
@@ -202,7 +203,7 @@ def run(sample: int, seed: int, workspace: Path | None, output: Path = OUTPUT,
     same = sum("equivalent" in r for r in results)
     counted = killed + survived - same
     data = {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "mutants": len(every),
-            "not_compiled_here": skipped.get("not_compiled_here", 0), "files": list(files) or None,
+            "not_compiled_here": skipped.get("not_compiled_here", 0), "files": list(files) or None, "match": match,
             "sample": {"size": len(chosen), "seed": seed} if sample else None, "killed": killed,
             "survived": survived, "equivalent": same, "invalid": sum(r["status"] == "invalid" for r in results),
             "score": round(killed / counted, 4) if counted else None,
@@ -221,8 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=OUTPUT, help=f"result JSON (default {OUTPUT.relative_to(ROOT)})")
     p.add_argument("--files", nargs="+", default=(), choices=SOURCES, metavar="FILE",
                    help=f"mutate only these sources (of {', '.join(SOURCES)}); the draw is then among theirs")
+    p.add_argument("--match", default=None, metavar="TEXT",
+                   help="mutate only lines containing TEXT (re-check the mutants of one line after a fix)")
     args = p.parse_args(argv)
-    data = run(args.sample, args.seed, args.workspace, args.output, tuple(args.files))
+    data = run(args.sample, args.seed, args.workspace, args.output, tuple(args.files), args.match)
     print(f"score {data['score']} (killed {data['killed']}, survived {data['survived']} of which equivalent "
           f"{data['equivalent']}, invalid {data['invalid']}; {data['seconds']:.0f} s)", file=sys.stderr)
     return 0

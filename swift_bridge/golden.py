@@ -53,7 +53,8 @@ USER_SYMBOLS = ("\uff46", "\uff46\uff55")
 NORMALIZER_FLAGS = {3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
 # (frames, height, width) requests checked against the Python runtime's GenerationRequest rules.
 REQUESTS = ((1, 32, 48), (5, 16, 16), (9, 32, 48), (21, 480, 832), (0, 32, 48), (-3, 32, 48), (2, 32, 48),
-            (4, 32, 48), (6, 32, 48), (9, 40, 48), (9, 32, 40), (9, 24, 48), (9, 48, 8))
+            (4, 32, 48), (6, 32, 48), (9, 40, 48), (9, 32, 40), (9, 24, 48), (9, 48, 8), (9, 0, 48),
+            (9, 32, 0), (9, -16, 48), (9, 32, -16))
 
 
 def _folder_section(component: C.Component, config, dtype: str) -> dict:
@@ -156,8 +157,9 @@ def normalizer_variant(model: bytes, flags: dict[str, bool | None]) -> bytes:
 # A hand-made unigram model (identity normalizer, no charsmap) whose scores put the Viterbi search's choices on
 # a knife's edge: a tie (ab = a + b), unknown characters against pieces that cover them (sentencepiece's
 # unknown penalty of 10 decides: z+q wins over zq, xq over x+q), an unused piece, user-defined symbols
-# (without single-character pieces to compete: sentencepiece 0.2.3 then scores them unlike its source's
-# `length * max_score - 0.1`, which the Swift follows); then the same with byte fallback.
+# (sentencepiece 0.2.3 scores them 0.1 per byte - 0.1, not its source's `length * max_score - 0.1`: f + u
+# (0.08) loses to the user-defined fu (0.1), g + h (0.12) beats gh, and the two-character user-defined ｆｕ
+# (six bytes: 0.5) beats ｆ + ｕ (0.4) but not ｊ + ｋ (0.6)); then the same with byte fallback.
 # d + d beats dd by one float32 step (dd is -1.5 minus one ulp: its last mantissa bit and byte are set, d's
 # are clear); an unknown two-byte character against a piece covering it (kq, as zq). (piece, type, score);
 # types as in spm.py.
@@ -166,18 +168,22 @@ CRAFTED_PIECES = (("<pad>", 3, 0.0), ("</s>", 3, 0.0), ("<unk>", 2, 0.0), ("\u25
                   ("c", 5, -40.0), ("~~", 4, 0.0), ("~~~", 4, 0.0), ("^^", 4, 0.0), ("y", 1, 0.5),
                   ("yy", 1, None),  # no score field: 0, against y + y = 1
                   ("d", 1, -0.75), ("dd", 1, struct.unpack("<f", struct.pack("<I", 0xBFC00001))[0]),
-                  ("\u043aq", 1, -4.8))
+                  ("\u043aq", 1, -4.8),
+                  ("f", 1, 0.04), ("u", 1, 0.04), ("fu", 4, 0.0), ("g", 1, 0.06), ("h", 1, 0.06), ("gh", 4, 0.0),
+                  ("\uff46", 1, 0.2), ("\uff55", 1, 0.2), ("\uff46\uff55", 4, 0.0),
+                  ("\uff4a", 1, 0.3), ("\uff4b", 1, 0.3), ("\uff4a\uff4b", 4, 0.0))
 CRAFTED_TEXTS = ("ab", "zq", "xq", "zzq", "a c b", "~~", "~~~~~", "^^^", "w~~^^zq", "  a  b  ", "", "é", "yy",
-                 "\x01a", "\x1fa", "\u043aa", "\U0001f303a", "dd", "\u043aq")
+                 "\x01a", "\x1fa", "\u043aa", "\U0001f303a", "dd", "\u043aq", "fu", "gh", "fugh", "ghfu",
+                 "\uff46\uff55", "\uff4a\uff4b", "\uff4a\uff4b\uff46\uff55")
 
 
-def crafted_model(byte_fallback: bool) -> bytes:
+def crafted_model(byte_fallback: bool, pieces=CRAFTED_PIECES) -> bytes:
     """``CRAFTED_PIECES`` as a sentencepiece ModelProto (with the 256 byte pieces when ``byte_fallback``), and an
     unknown fixed64 field at the end, which readers skip."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     model = pb.ModelProto()
-    pieces = list(CRAFTED_PIECES) + ([(f"<0x{b:02X}>", 6, 0.0) for b in range(256)] if byte_fallback else [])
+    pieces = list(pieces) + ([(f"<0x{b:02X}>", 6, 0.0) for b in range(256)] if byte_fallback else [])
     for text, kind, score in pieces:
         model.pieces.add(piece=text, type=kind, **({} if score is None else {"score": score}))
     model.trainer_spec.model_type = 1

@@ -160,7 +160,7 @@ class MirrorTokenizer:
         self.lookup: dict[bytes, int] = {}
         self.user_defined: list[bytes] = []
         self.max_piece_bytes, self.unk_id = 1, 0
-        self.min_score, self.max_score = np.float32(np.finfo(np.float32).max), np.float32(-np.finfo(np.float32).max)
+        self.min_score = np.float32(np.finfo(np.float32).max)
         for i, (piece, score, kind) in enumerate(self.pieces):
             if kind in (NORMAL, USER_DEFINED, UNUSED):
                 self.lookup.setdefault(piece, i)
@@ -170,7 +170,7 @@ class MirrorTokenizer:
             elif kind == UNKNOWN:
                 self.unk_id = i
             if kind == NORMAL:
-                self.min_score, self.max_score = min(self.min_score, score), max(self.max_score, score)
+                self.min_score = min(self.min_score, score)
             if kind == USER_DEFINED:
                 self.user_defined.append(piece)
         self.user_defined.sort(key=len, reverse=True)
@@ -258,7 +258,9 @@ class MirrorTokenizer:
                 if i is None or self.pieces[i][2] == UNUSED:
                     continue
                 length = end - start
-                score = (np.float32(length) * self.max_score - np.float32(0.1)) if self.pieces[i][2] == USER_DEFINED \
+                # user-defined: 0.1 per byte - 0.1, as sentencepiece 0.2.3 scores them (measured; not its
+                # source's `length * max_score - 0.1`)
+                score = (np.float32(length) * np.float32(0.1) - np.float32(0.1)) if self.pieces[i][2] == USER_DEFINED \
                     else self.pieces[i][1]
                 cand = np.float32(score + here)
                 if best_start[end] == -1 or cand > best_score[end]:

@@ -218,7 +218,9 @@ def test_peak_memory_does_not_grow_with_length_and_is_predicted():
     exact = wan_vae.choose_tile(real, shape, 3 * 2**30)  # below the old floor of weights + whole-frame caches
     assert isinstance(exact, int) and wan_vae.decoder_peak_bytes(real, shape, exact) <= 3 * 2**30
     assert 1 < wan_vae.tile_work(real, shape, exact) <= wan_vae.MAX_TILE_WORK
-    blended = wan_vae.choose_tile(real, shape, 2**30)  # exact tiles would cost > 4x the work: diffusers' tiles
+    with pytest.raises(MemoryError, match="exact tiles within 4x the work at least"):
+        wan_vae.choose_tile(real, shape, 2**30)  # exact tiles would cost > 4x the work: refused, never blended
+    blended = wan_vae.choose_tile(real, shape, 2**30, allow_blended=True)  # only when asked for: inexact
     assert isinstance(blended, tuple) and wan_vae.decoder_peak_bytes(real, shape, blended) <= 2**30
     with pytest.raises(MemoryError, match="decoded video alone"):
         wan_vae.choose_tile(real, shape, 300 * 2**20)  # the fp32 video itself is 385 MB
@@ -265,9 +267,39 @@ def test_blended_tiles_stop_at_the_smallest_tile_the_plan_allows():
     floor = wan_vae.decoder_peak_bytes(config, shape, blended(smallest))
     below = wan_vae.decoder_peak_bytes(config, shape, blended(smallest - 1))
     assert below < floor
-    assert wan_vae.choose_tile(config, shape, floor) == blended(smallest)
+    assert wan_vae.choose_tile(config, shape, floor, allow_blended=True) == blended(smallest)
     with pytest.raises(MemoryError, match="blended tiles"):
-        wan_vae.choose_tile(config, shape, (below + floor) // 2)
+        wan_vae.choose_tile(config, shape, (below + floor) // 2, allow_blended=True)
+
+
+def test_the_plan_never_picks_inexact_tiles():
+    """Every tiling ``choose_tile`` picks by default decodes within 1/255 of whole frames (the issue's bound):
+    on a 36 x 36 latent, over a sweep of budgets from whole frames down to the refusal, each pick is None or
+    an exact tile, and the decoded video of the tightest pick equals the untiled one. Below the smallest exact
+    tile the refusal names it and the blended alternative instead of silently blending."""
+    config = reduced_config(has_encoder=False)
+    model = wan_vae.WanVAE(config)
+    mx.eval(model.parameters())
+    shape = (1, 2, 36, 36, 16)
+    whole = wan_vae.decoder_peak_bytes(config, shape)
+    picks, budget = [], whole
+    while True:
+        try:
+            picks.append(wan_vae.choose_tile(config, shape, budget))
+        except MemoryError as refusal:
+            text = str(refusal)
+            break
+        budget = int(budget * 0.97)
+    assert picks[0] is None and any(isinstance(p, int) for p in picks), picks
+    assert all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in picks), picks
+    assert "exact tiles within 4x the work at least" in text and "blended tiles (inexact)" in text, text
+    assert "--decoder taehv" in text
+    tightest = min(p for p in picks if p is not None)
+    assert wan_vae.tile_work(config, shape, tightest) <= wan_vae.MAX_TILE_WORK
+    lat = mx.array(latents(2, 36, 36, seed=4))
+    untiled = np.stack([np.array(f) for f in wan_vae.decode_stream(model, lat)], 1)
+    tiled = np.stack([np.array(f) for f in wan_vae.decode_stream(model, lat, tile=tightest)], 1)
+    assert np.abs(tiled - untiled).max() <= 1 / 255 / 100  # exact up to fp32 rounding
 
 
 def test_generate_with_a_tight_memory_limit_decodes_in_exact_tiles(tmp_path, monkeypatch):
@@ -542,13 +574,15 @@ def test_a_decode_that_cannot_fit_states_its_figures():
 
     real, shape = wan_vae.WanVAEConfig(), (1, 21, 60, 104, 16)
     with pytest.raises(MemoryError) as info:
-        wan_vae.choose_tile(real, shape, 300 * 2**20)
+        wan_vae.choose_tile(real, shape, 300 * 2**20, allow_blended=True)
     text = str(info.value)
-    whole, tiled, video = (float(v) for v in re.search(
-        r"whole frames need (\d+) MiB and even 32-pixel blended tiles (\d+) MiB \(the decoded video alone is "
-        r"(\d+) MiB\)", text).groups())
+    whole, exact, exact_edge, tiled, video = (float(v) for v in re.search(
+        r"whole frames need (\d+) MiB, exact tiles within 4x the work at least (\d+) MiB \((\d+)-pixel tiles\) "
+        r"and even 32-pixel blended tiles (\d+) MiB \(the decoded video alone is (\d+) MiB\)", text).groups())
     smallest = (32, 32, 24, 24)
     assert whole == round(wan_vae.decoder_peak_bytes(real, shape) / 2**20)
+    assert exact == round(wan_vae.decoder_peak_bytes(real, shape, int(exact_edge)) / 2**20)
+    assert wan_vae.tile_work(real, shape, int(exact_edge)) <= 4 < wan_vae.tile_work(real, shape, int(exact_edge) - 8)
     assert tiled == round(wan_vae.decoder_peak_bytes(real, shape, smallest) / 2**20)
     assert video == round(81 * 480 * 832 * 3 * 4 / 2**20)  # 370 MiB
     assert text.startswith("Wan VAE decode of latents (1, 21, 60, 104, 16) does not fit 300 MiB: ")

@@ -31,7 +31,8 @@ final only after the last tile, so the frames come out at the end) and the work 
 - diffusers' blended tiles (``tile=(tile_h, tile_w, stride_h, stride_w)``): ``tiled_decode`` exactly (within
   1.5e-6 of it), the attention per tile and the overlaps blended linearly. Inexact (tiles see zero padding
   and only their own attention: 0.37 from untiled on random weights at 48-pixel tiles), but cheaper at tight
-  budgets; the plan falls back to it when no exact tiling fits.
+  budgets. The plan never picks them (what it picks must stay within 1/255 of untiled output); a caller
+  asks for them by passing the 4-tuple, or ``choose_tile(..., allow_blended=True)``.
 
 Kernels are TAEHV's exact rewrites (row-window 3x3 GEMMs, sub-pixel conv for upsample + conv, by-taps
 conv for the RGB head): a 3x3x3 causal conv is the sum of three 2-D 3x3 convs over the shifted frames,
@@ -1021,32 +1022,44 @@ def tile_work(config: WanVAEConfig, latent_shape: tuple, tile) -> float:
     return area / (h * w)
 
 
-def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, itemsize: int = 4):
+def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, itemsize: int = 4,
+                allow_blended: bool = False):
     """The tiling for :func:`decode_stream` within ``budget_bytes`` (as :func:`decoder_peak_bytes` predicts):
     None when whole frames fit; else exact tiles (an int core edge, output pixels), the largest that fits
-    with at most ``MAX_TILE_WORK`` x the whole-frame work; else diffusers' blended tiles (a 4-tuple; overlap a
-    quarter of the tile; inexact), the largest that fits, down to ``MIN_TILE_LATENTS``; ``MemoryError`` when
-    none does."""
-    if decoder_peak_bytes(config, latent_shape, None, itemsize) <= budget_bytes:
+    with at most ``MAX_TILE_WORK`` x the whole-frame work. Exact tiles equal whole frames, so what the plan
+    picks is always within 1/255 of untiled output. Only with ``allow_blended`` (an explicit choice: it is
+    inexact) diffusers' blended tiles (a 4-tuple; overlap a quarter of the tile) are tried next, the largest
+    that fits, down to ``MIN_TILE_LATENTS``. ``MemoryError`` when none fits, with the figures of each."""
+    whole = decoder_peak_bytes(config, latent_shape, None, itemsize)
+    if whole <= budget_bytes:
         return None
     h, w = int(latent_shape[2]), int(latent_shape[3])
     s = config.space_scale
+    smallest_exact = None  # the exact tile with the least memory within MAX_TILE_WORK
     for edge in range(max(h, w) - 1, 0, -1):
         if tile_work(config, latent_shape, edge * s) > MAX_TILE_WORK:
             break
+        smallest_exact = edge * s
         if decoder_peak_bytes(config, latent_shape, edge * s, itemsize) <= budget_bytes:
             return edge * s
-    for edge in range(max(h, w) - 1, MIN_TILE_LATENTS - 1, -1):
-        blended = (edge * s, edge * s, (edge - edge // 4) * s, (edge - edge // 4) * s)
-        if decoder_peak_bytes(config, latent_shape, blended, itemsize) <= budget_bytes:
-            return blended
     smallest = (MIN_TILE_LATENTS * s,) * 2 + ((MIN_TILE_LATENTS - MIN_TILE_LATENTS // 4) * s,) * 2
+    if allow_blended:
+        for edge in range(max(h, w) - 1, MIN_TILE_LATENTS - 1, -1):
+            blended = (edge * s, edge * s, (edge - edge // 4) * s, (edge - edge // 4) * s)
+            if decoder_peak_bytes(config, latent_shape, blended, itemsize) <= budget_bytes:
+                return blended
     video = int(latent_shape[0]) * config.num_frames(int(latent_shape[1])) * h * w * s * s * config.out_channels * 4
+    exact = ("" if smallest_exact is None else
+             f", exact tiles within {MAX_TILE_WORK:g}x the work at least "
+             f"{decoder_peak_bytes(config, latent_shape, smallest_exact, itemsize) / 2**20:.0f} MiB "
+             f"({smallest_exact}-pixel tiles)")
+    blended_peak = decoder_peak_bytes(config, latent_shape, smallest, itemsize) / 2**20
+    hint = (f" and even {MIN_TILE_LATENTS * s}-pixel blended tiles {blended_peak:.0f} MiB" if allow_blended else
+            f"; diffusers' blended tiles (inexact) would need {blended_peak:.0f} MiB at {MIN_TILE_LATENTS * s} "
+            f"pixels: pass tile={smallest} to decode_stream, or decode with TAEHV (--decoder taehv)")
     raise MemoryError(f"Wan VAE decode of latents {tuple(latent_shape)} does not fit {budget_bytes / 2**20:.0f} MiB: "
-                      f"whole frames need {decoder_peak_bytes(config, latent_shape, None, itemsize) / 2**20:.0f} MiB "
-                      f"and even {MIN_TILE_LATENTS * s}-pixel blended tiles "
-                      f"{decoder_peak_bytes(config, latent_shape, smallest, itemsize) / 2**20:.0f} MiB (the decoded "
-                      f"video alone is {video / 2**20:.0f} MiB)")
+                      f"whole frames need {whole / 2**20:.0f} MiB{exact}{hint} (the decoded video alone is "
+                      f"{video / 2**20:.0f} MiB)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1107,7 +1120,5 @@ def plan_decode(section: dict | None, latent_shape: tuple, limit_bytes: int, low
         if notes is not None:
             notes.append("Wan VAE decode given the whole limit (its low-memory share does not fit)")
     if tile is not None and notes is not None:
-        notes.append(f"Wan VAE decoded in exact tiles of at most {tile} pixels (whole frames do not fit)"
-                     if isinstance(tile, int) else f"Wan VAE decoded in diffusers' blended tiles {tile} (whole "
-                     f"frames and exact tiles within {MAX_TILE_WORK:g}x the work do not fit; blending is inexact)")
+        notes.append(f"Wan VAE decoded in exact tiles of at most {tile} pixels (whole frames do not fit)")
     return tile, decoder_peak_bytes(config, latent_shape, tile, itemsize)

@@ -100,9 +100,10 @@ public final class LightningVideoPipeline {
         }
         let space = decoder.spaceUpscale
         let patch = dit.patchSize
-        guard request.height % (space * patch[1]) == 0, request.width % (space * patch[2]) == 0 else {
+        guard request.height > 0, request.width > 0,
+              request.height % (space * patch[1]) == 0, request.width % (space * patch[2]) == 0 else {
             throw LightningVideoError.invalidRequest(
-                "height and width must be multiples of \(space * patch[1]), got \(request.height)x\(request.width)")
+                "height and width must be positive multiples of \(space * patch[1]), got \(request.height)x\(request.width)")
         }
         return [1, (request.frames + decoder.framesToTrim) / up, request.height / space, request.width / space, dit.inChannels]
     }

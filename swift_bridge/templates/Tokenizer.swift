@@ -34,7 +34,6 @@ public final class UMT5Tokenizer {
     private var maxPieceBytes = 1
     private var unkId = 0
     private var minScore = Float.greatestFiniteMagnitude
-    private var maxScore = -Float.greatestFiniteMagnitude
     private var byteFallback = false
     private var addDummyPrefix = true
     private var removeExtraWhitespaces = true
@@ -102,7 +101,9 @@ public final class UMT5Tokenizer {
             while end <= min(size, start + maxPieceBytes) {
                 if let id = lookup[Array(normalized[start ..< end])], pieces[id].type != .unused {
                     let length = end - start
-                    let score = pieces[id].type == .userDefined ? Float(length) * maxScore - 0.1 : pieces[id].score
+                    // A user-defined piece scores 0.1 per byte - 0.1, what sentencepiece 0.2.3 (the Python
+                    // runtime's) does, measured; its source reads `length * max_score - 0.1`, which it is not.
+                    let score = pieces[id].type == .userDefined ? Float(length) * 0.1 - 0.1 : pieces[id].score
                     let candidate = score + scoreHere
                     if bestStart[end] == -1 || candidate > bestScore[end] {
                         bestScore[end] = candidate
@@ -280,7 +281,6 @@ public final class UMT5Tokenizer {
             }
             if entry.type == .normal {
                 minScore = min(minScore, entry.score)
-                maxScore = max(maxScore, entry.score)
             }
             if entry.type == .userDefined {
                 userDefined.append(entry.piece)
