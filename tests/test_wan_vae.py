@@ -337,6 +337,30 @@ def test_generate_with_a_tight_memory_limit_decodes_in_exact_tiles(tmp_path, mon
     assert np.abs(png - expected).max() <= 0.5 / 255 + 1e-5
 
 
+def test_generate_refuses_rather_than_blend_when_exact_tiles_do_not_fit(tmp_path, capsys):
+    """At 480 x 480 the reduced Wan VAE needs ~205 MiB in whole frames and ~117 MiB in its smallest exact tiles
+    (within 4x the work); under a 100 MiB limit `generate --decoder wan-vae` refuses before any work (exit 2)
+    with the plan's figures and what would fit (TAEHV, or blended tiles through the API), writes nothing, and
+    never decodes in inexact blended tiles."""
+    from tests.model_factory import build_model_folder
+
+    vae = make_diffusers_vae(seed=3, base_dim=8, num_res_blocks=1, dim_mult=[1, 2, 2, 2])
+    vae.save_pretrained(tmp_path / "vae")
+    folder = build_model_folder(tmp_path, quantize=False)
+    assert convert_folder(tmp_path / "vae", folder) == 0
+    request = pipeline.GenerationRequest(prompt="a red fox", height=480, width=480, frames=5, seed=2)
+    with pytest.raises(pipeline.MemoryPlanError, match=r"exact tiles within 4x the work at least \d+ MiB"):
+        pipeline.plan_memory(folder, request, 100 * 2**20, False, decoder="wan-vae")
+    out = tmp_path / "out" / "refused.mp4"
+    out.parent.mkdir()
+    code = main(["generate", "--model", str(folder), "--prompt", "a red fox", "--height", "480", "--width", "480",
+                 "--frames", "5", "--decoder", "wan-vae", "--memory-limit", "100MB", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "blended tiles (inexact)" in err and "--decoder taehv" in err, err
+    assert list(out.parent.iterdir()) == []
+
+
 # The original Wan key layout, written here from Wan's module structure (wan/modules/vae.py: Encoder3d /
 # Decoder3d with `downsamples` / `upsamples` Sequentials, ResidualBlock.residual = [RMS_norm, SiLU, conv,
 # RMS_norm, SiLU, Dropout, conv], `middle` = [res, attn, res], `head` = [RMS_norm, SiLU, conv], top-level
