@@ -141,6 +141,21 @@ def test_chunked_streaming_equals_frame_by_frame_streaming_exactly(small):
     assert one.shape == (1, 9, 40, 56, 3) and np.array_equal(one, chunks)  # the same ops on the same frames
 
 
+@pytest.mark.parametrize("tile", [None, 144, (192, 192, 144, 144)])
+def test_per_latent_groups_are_the_frames_of_each_latent(tile):
+    """``per_latent=True`` (what the causal pipeline's block-by-block writer consumes) yields one group per
+    latent frame: 1 frame for the first latent, 4 for each after it (Wan's causal time upsampling), on every
+    decode path (whole frames, exact and blended tiles); the groups concatenated are the frame-by-frame
+    stream's frames exactly."""
+    model = wan_vae.WanVAE(reduced_config(has_encoder=False))
+    mx.eval(model.parameters())
+    lat = mx.array(latents(3, 36, 36, seed=6))
+    groups = [np.array(g) for g in wan_vae.decode_stream(model, lat, tile=tile, per_latent=True)]
+    frames = np.stack([np.array(f) for f in wan_vae.decode_stream(model, lat, tile=tile)], 1)
+    assert [g.shape[1] for g in groups] == [1, 4, 4]
+    assert np.array_equal(np.concatenate(groups, axis=1), frames)
+
+
 def test_exact_tiles_equal_whole_frames(small):
     """Exact tiles: the attention on whole frames, the rest tile by tile with a halo of its receptive radius
     (15 latent pixels in the Wan2.1 structure) and its own feature caches, over two latent frames (the causal

@@ -25,7 +25,7 @@ def depth_first(run_segment: Callable[[int, mx.array], mx.array], n_segments: in
 
 
 def stream_chunks(stream, latents: mx.array | Iterable[mx.array], check: Callable[[mx.array], None],
-                  per_latent: bool = False) -> Iterator[mx.array]:
+                  per_latent: bool) -> Iterator[mx.array]:
     """Feed ``latents`` (an array ``[B, T, ...]`` or an iterable of such chunks) to a decoder stream one latent
     frame at a time. Yields single frames ``[B, H, W, 3]`` as ``stream.frames`` finishes them, or with
     ``per_latent=True`` one ``stream.step`` group ``[B, n, H, W, 3]`` per latent frame."""
