@@ -469,6 +469,21 @@ def test_failed_vae_conversion_leaves_an_existing_folder_unchanged(small, tmp_pa
     assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == snapshot
 
 
+def test_config_bounds_are_exact():
+    """The smallest structure the config accepts (two levels: one x2 upsampling) builds and decodes; one level,
+    a zero multiplier and a downsample list of the wrong length are refused with the reason."""
+    config = wan_vae.WanVAEConfig(base_dim=8, num_res_blocks=1, dim_mult=[1, 2], temperal_downsample=[True],
+                                  has_encoder=False)
+    model = wan_vae.WanVAE(config)
+    assert wan_vae.decode(model, mx.zeros((1, 2, 4, 4, 16))).shape == (1, 3, 8, 8, 3)  # 2x space, 2x time
+    with pytest.raises(ValueError, match="dim_mult needs >= 2 positive multipliers"):
+        wan_vae.WanVAEConfig(dim_mult=[2], temperal_downsample=[])
+    with pytest.raises(ValueError, match="dim_mult needs >= 2 positive multipliers"):
+        wan_vae.WanVAEConfig(dim_mult=[1, 0], temperal_downsample=[True])
+    with pytest.raises(ValueError, match="temperal_downsample needs 1 entries"):
+        wan_vae.WanVAEConfig(dim_mult=[1, 2], temperal_downsample=[True, False])
+
+
 def test_bad_inputs_are_clear_errors(small):
     _, _, model = small
     with pytest.raises(ValueError, match="channels-first"):

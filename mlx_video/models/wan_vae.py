@@ -423,7 +423,7 @@ def downsample(res: Resample, x: mx.array, state: dict, key: str) -> mx.array:
     b, t = x.shape[:2]
     conv = res.resample[1]
     f = mx.pad(_frames(x), [(0, 0), (0, 1), (0, 1), (0, 0)])
-    y = mx.conv2d(f, conv.weight, stride=2) + conv.bias
+    y = mx.conv2d(f, conv.weight, stride=conv.stride) + conv.bias
     x = y.reshape(b, t, *y.shape[1:])
     mx.eval(x)
     if res.mode != "downsample3d":
@@ -434,11 +434,12 @@ def downsample(res: Resample, x: mx.array, state: dict, key: str) -> mx.array:
         return x
     full = mx.concatenate([prev, x], axis=1)
     tc = res.time_conv
-    n_out = (full.shape[1] - 3) // 2 + 1
+    step = tc.stride
+    n_out = (full.shape[1] - 3) // step + 1
     o, c = tc.weight.shape[0], tc.weight.shape[-1]
     y = None
     for j in range(3):
-        frames = full[:, j:j + 2 * (n_out - 1) + 1:2]
+        frames = full[:, j:j + step * (n_out - 1) + 1:step]
         z = frames.reshape(-1, c) @ tc.weight[:, j].reshape(o, c).T
         y = z if y is None else y + z
     y = (y + tc.bias).reshape(b, n_out, *x.shape[2:4], o)
