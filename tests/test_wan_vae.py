@@ -11,6 +11,7 @@ memory between 1x and 1.6x the measured one (on the safe side).
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -239,6 +240,29 @@ def test_peak_memory_does_not_grow_with_length_and_is_predicted():
     assert isinstance(blended, tuple) and wan_vae.decoder_peak_bytes(real, shape, blended) <= 2**30
     with pytest.raises(MemoryError, match="decoded video alone"):
         wan_vae.choose_tile(real, shape, 300 * 2**20)  # the fp32 video itself is 385 MB
+
+
+def test_the_prediction_grows_with_the_output_frames():
+    """The decoded frames of one latent (4 frames of 8H x 8W x out_channels, fp32) are alive at the end of each
+    step: a decoder with 6 more output channels measures a higher peak (about one copy of those frames; 0.82 MB
+    measured at 16 x 16 latents), and the prediction must grow by at least that much. Whole-frame peaks are
+    over-predicted by 25-55% on reduced structures, so only the growth shows whether the frames are counted."""
+    measured, predicted = {}, {}
+    lat = mx.array(latents(3, 16, 16, seed=2))
+    for channels in (3, 9):
+        config = reduced_config(has_encoder=False, out_channels=channels)
+        model = wan_vae.WanVAE(config)
+        mx.eval(model.parameters(), lat)
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        assert sum(1 for f in wan_vae.decode_stream(model, lat) if mx.eval(f) is None) == 9
+        measured[channels] = mx.get_peak_memory()
+        predicted[channels] = wan_vae.decoder_peak_bytes(config, lat.shape)
+        del model
+    frames = 4 * 128 * 128 * 6 * 4  # the extra channels of one latent's 4 output frames, fp32
+    grown, planned = measured[9] - measured[3], predicted[9] - predicted[3]
+    assert 0.4 * frames <= grown <= planned, (grown, planned, frames)
 
 
 def test_tiles_cut_the_measured_peak_within_the_prediction():
@@ -482,6 +506,8 @@ def test_config_bounds_are_exact():
         wan_vae.WanVAEConfig(dim_mult=[1, 0], temperal_downsample=[True])
     with pytest.raises(ValueError, match="temperal_downsample needs 1 entries"):
         wan_vae.WanVAEConfig(dim_mult=[1, 2], temperal_downsample=[True, False])
+    with pytest.raises(ValueError, match="halves"):  # width 1 after an upsample would become 0
+        wan_vae.WanVAEConfig(base_dim=1, dim_mult=[1, 1, 1], temperal_downsample=[True, False])
 
 
 def test_bad_inputs_are_clear_errors(small):

@@ -92,6 +92,10 @@ class WanVAEConfig:
         for name in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        dims = [self.decoder_base_dim * m for m in [self.dim_mult[-1]] + self.dim_mult[::-1]]
+        if min(dims[1:-1], default=2) < 2:  # each upsample's conv halves the width of the block after it
+            raise ValueError(f"decoder_base_dim x dim_mult must be >= 2 below the top level (each upsample halves "
+                             f"it), got widths {dims}")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean/latents_std need z_dim={self.z_dim} entries, got "
                              f"{len(self.latents_mean)}/{len(self.latents_std)}")
