@@ -52,7 +52,7 @@ def native_attention_used(dtype: mx.Dtype = mx.float32, fused: bool | None = Non
     if native is False or fused is not None or dtype != mx.float32:
         return False
     if native is None and os.environ.get("MLX_VIDEO_NATIVE_ATTENTION", "1").strip().lower() in {"0", "off", "no"}:
-        return False  # the chunked path: ~15% faster inside a DiT block here, several times the memory
+        return False  # the query-chunked path (several times the memory), e.g. to compare
     from . import native as native_kernels
 
     return native_kernels.enabled() and not fused_attention_available()
