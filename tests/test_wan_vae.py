@@ -341,17 +341,23 @@ def test_the_plan_never_picks_inexact_tiles():
     assert np.abs(tiled - untiled).max() <= 1 / 255 / 100  # exact up to fp32 rounding
 
 
-def test_generate_with_a_tight_memory_limit_decodes_in_exact_tiles(tmp_path, monkeypatch):
-    """A tiny model folder with a Wan VAE (reduced structure) at 320 x 320 (its whole-frame decode is predicted
-    above the 64 MB minimum limit): a --memory-limit just below that prediction makes the plan choose exact
-    tiles, the decoder gets them, and the video matches whole-frame decoding of the same latents within uint8
-    rounding (the tiles' own distance: <= 1e-5)."""
+def model_folder_with_reduced_vae(tmp_path):
+    """A tiny model folder (tests/model_factory.py) with a reduced-structure Wan VAE converted from diffusers."""
     from tests.model_factory import build_model_folder
 
     vae = make_diffusers_vae(seed=3, base_dim=8, num_res_blocks=1, dim_mult=[1, 2, 2, 2])
     vae.save_pretrained(tmp_path / "vae")
     folder = build_model_folder(tmp_path, quantize=False)
     assert convert_folder(tmp_path / "vae", folder) == 0
+    return folder
+
+
+def test_generate_with_a_tight_memory_limit_decodes_in_exact_tiles(tmp_path, monkeypatch):
+    """A tiny model folder with a Wan VAE (reduced structure) at 320 x 320 (its whole-frame decode is predicted
+    above the 64 MB minimum limit): a --memory-limit just below that prediction makes the plan choose exact
+    tiles, the decoder gets them, and the video matches whole-frame decoding of the same latents within uint8
+    rounding (the tiles' own distance: <= 1e-5)."""
+    folder = model_folder_with_reduced_vae(tmp_path)
     request = pipeline.GenerationRequest(prompt="a red fox", height=320, width=320, frames=5, seed=2)
     whole = wan_vae.decoder_peak_bytes(reduced_config(), request.latent_shape())
     limit = whole - 2**20
@@ -381,12 +387,7 @@ def test_generate_refuses_rather_than_blend_when_exact_tiles_do_not_fit(tmp_path
     (within 4x the work); under a 100 MiB limit `generate --decoder wan-vae` refuses before any work (exit 2)
     with the plan's figures and what would fit (TAEHV, or blended tiles through the API), writes nothing, and
     never decodes in inexact blended tiles."""
-    from tests.model_factory import build_model_folder
-
-    vae = make_diffusers_vae(seed=3, base_dim=8, num_res_blocks=1, dim_mult=[1, 2, 2, 2])
-    vae.save_pretrained(tmp_path / "vae")
-    folder = build_model_folder(tmp_path, quantize=False)
-    assert convert_folder(tmp_path / "vae", folder) == 0
+    folder = model_folder_with_reduced_vae(tmp_path)
     request = pipeline.GenerationRequest(prompt="a red fox", height=480, width=480, frames=5, seed=2)
     with pytest.raises(pipeline.MemoryPlanError, match=r"exact tiles within 4x the work at least \d+ MiB"):
         pipeline.plan_memory(folder, request, 100 * 2**20, False, decoder="wan-vae")

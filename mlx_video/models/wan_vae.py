@@ -92,7 +92,7 @@ class WanVAEConfig:
         for name in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        dims = [self.decoder_base_dim * m for m in [self.dim_mult[-1]] + self.dim_mult[::-1]]
+        dims = self.decoder_widths
         if min(dims[1:-1], default=2) < 2:  # each upsample's conv halves the width of the block after it
             raise ValueError(f"decoder_base_dim x dim_mult must be >= 2 below the top level (each upsample halves "
                              f"it), got widths {dims}")
@@ -101,6 +101,11 @@ class WanVAEConfig:
                              f"{len(self.latents_mean)}/{len(self.latents_std)}")
         if min(abs(s) for s in self.latents_std) == 0:
             raise ValueError("latents_std has a zero entry")
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        """The decoder's widths: the mid block's, then each up block's output, top level last."""
+        return [self.decoder_base_dim * m for m in [self.dim_mult[-1]] + self.dim_mult[::-1]]
 
     @property
     def temperal_upsample(self) -> list[bool]:
@@ -213,7 +218,7 @@ class UpBlock(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, c: WanVAEConfig):
         super().__init__()
-        dims = [c.decoder_base_dim * u for u in [c.dim_mult[-1]] + c.dim_mult[::-1]]
+        dims = c.decoder_widths
         self.conv_in = CausalConv3d(c.z_dim, dims[0])
         self.mid_block = MidBlock(dims[0])
         ups = []
@@ -1027,6 +1032,11 @@ def tile_work(config: WanVAEConfig, latent_shape: tuple, tile) -> float:
     return area / (h * w)
 
 
+def _blended_tile(edge: int, scale: int) -> tuple[int, int, int, int]:
+    """diffusers' tiling settings for square tiles of ``edge`` latent pixels overlapping by a quarter."""
+    return (edge * scale, edge * scale, (edge - edge // 4) * scale, (edge - edge // 4) * scale)
+
+
 def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, itemsize: int = 4,
                 allow_blended: bool = False):
     """The tiling for :func:`decode_stream` within ``budget_bytes`` (as :func:`decoder_peak_bytes` predicts):
@@ -1047,10 +1057,10 @@ def choose_tile(config: WanVAEConfig, latent_shape: tuple, budget_bytes: int, it
         smallest_exact = edge * s
         if decoder_peak_bytes(config, latent_shape, edge * s, itemsize) <= budget_bytes:
             return edge * s
-    smallest = (MIN_TILE_LATENTS * s,) * 2 + ((MIN_TILE_LATENTS - MIN_TILE_LATENTS // 4) * s,) * 2
+    smallest = _blended_tile(MIN_TILE_LATENTS, s)
     if allow_blended:
         for edge in range(max(h, w) - 1, MIN_TILE_LATENTS - 1, -1):
-            blended = (edge * s, edge * s, (edge - edge // 4) * s, (edge - edge // 4) * s)
+            blended = _blended_tile(edge, s)
             if decoder_peak_bytes(config, latent_shape, blended, itemsize) <= budget_bytes:
                 return blended
     video = int(latent_shape[0]) * config.num_frames(int(latent_shape[1])) * h * w * s * s * config.out_channels * 4
